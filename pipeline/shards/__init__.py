@@ -1,0 +1,1 @@
+"""Shard building, indexing and verification (``relic shards``)."""
