@@ -56,7 +56,9 @@ class Manifest:
         if self.image_ext not in IMAGE_EXTS:
             raise ValueError(f"manifest image_ext must be one of {IMAGE_EXTS}, got {self.image_ext!r}")
         if self.label_ext not in (*LABEL_EXTS, None):
-            raise ValueError(f"manifest label_ext must be one of {LABEL_EXTS} or null, got {self.label_ext!r}")
+            raise ValueError(
+                f"manifest label_ext must be one of {LABEL_EXTS} or null, got {self.label_ext!r}"
+            )
 
     @property
     def total_samples(self) -> int:
@@ -85,7 +87,9 @@ class Manifest:
         d = dict(d)
         version = d.get("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
-            raise ValueError(f"{url or 'manifest'}: format_version {version} is not supported (expected {FORMAT_VERSION})")
+            raise ValueError(
+                f"{url or 'manifest'}: format_version {version} is not supported (expected {FORMAT_VERSION})"
+            )
         d["shards"] = [ShardInfo(**s) for s in d["shards"]]
         d["rejected"] = [Rejected(**r) for r in d.get("rejected", [])]
         known = {f.name for f in dataclasses.fields(cls)} - {"url"}
@@ -107,8 +111,10 @@ def load_manifest(url: str, options: dict[str, Any] | None = None) -> Manifest:
         with storage.open_url(url, "rb", options) as f:
             data = json.load(f)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"no shard manifest at {url}: build shards with `relic shards build` "
-                                f"or index existing ones with `relic shards index`") from e
+        raise FileNotFoundError(
+            f"no shard manifest at {url}: build shards with `relic shards build` "
+            f"or index existing ones with `relic shards index`"
+        ) from e
     return Manifest.from_dict(data, url=url)
 
 

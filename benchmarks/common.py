@@ -1,0 +1,114 @@
+"""What every benchmark shares: a results table on stdout, a JSON file, and peak-RSS measurement.
+
+Each benchmark runs its contenders side by side in one process tree, so that the ratios it reports
+are measured under the same machine load. Peak RSS is measured in a fresh child process per
+contender (``measure_child``), because a process's high-water mark never goes down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--out", default=str(RESULTS_DIR / f"{name}.json"), help="where to write the JSON results")
+    p.add_argument("--quick", action="store_true", help="a smaller run that still measures every figure")
+    return p
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def children_peak_rss_mb() -> float:
+    """Largest peak RSS among waited-for children of this process (e.g. DataLoader workers)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+
+
+def _child(fn: Callable[..., dict], args: tuple, queue: mp.Queue) -> None:
+    try:
+        result = fn(*args)
+        result.setdefault("peak_rss_mb", max(peak_rss_mb(), children_peak_rss_mb()))
+        queue.put(("ok", result))
+    except BaseException as e:  # report, so the parent prints which contender failed
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def measure_child(fn: Callable[..., dict], *args: Any, timeout: float = 1800) -> dict:
+    """Run ``fn(*args)`` in a fresh process (spawn) and return its result dict plus ``peak_rss_mb``."""
+    ctx = mp.get_context("spawn")
+    queue: mp.Queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc.start()
+    try:
+        status, payload = queue.get(timeout=timeout)
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+    if status != "ok":
+        raise RuntimeError(f"benchmark contender {getattr(fn, '__name__', fn)} failed: {payload}")
+    return payload
+
+
+class Timer:
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> None:
+    def fmt(v: Any) -> str:
+        return (
+            f"{v:,.3g}"
+            if isinstance(v, float) and abs(v) < 10
+            else (f"{v:,.1f}" if isinstance(v, float) else str(v))
+        )
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    if title:
+        print(f"\n{title}")
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def write_results(
+    path: str | os.PathLike, headline: dict[str, Any], contenders: dict[str, Any], **extra: Any
+) -> Path:
+    """Headline ratios at the top level (names fixed by DESIGN.md), raw figures under ``contenders``."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        **headline,
+        "contenders": contenders,
+        **extra,
+        "machine": {
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+        },
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return out
