@@ -35,11 +35,11 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/shard_build.py
-	$(BIN)/python benchmarks/pipeline.py
-	$(BIN)/python benchmarks/train_step.py
-	$(BIN)/python benchmarks/ray_overhead.py
-	$(BIN)/python benchmarks/gpu.py
+	$(BIN)/python -m benchmarks.shard_build
+	$(BIN)/python -m benchmarks.pipeline
+	$(BIN)/python -m benchmarks.train_step
+	$(BIN)/python -m benchmarks.ray_overhead
+	$(BIN)/python -m benchmarks.gpu
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
