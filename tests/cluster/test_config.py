@@ -1,0 +1,136 @@
+"""Experiment config: YAML + overrides -> typed dataclasses; every mistake names key, value, expectation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = Path(__file__).with_name("tiny.yaml")
+PAPER_CONFIGS = [REPO / "configs" / "imagenet_r50_relic.yaml", REPO / "configs" / "imagenet_r50_relicv2.yaml"]
+
+
+def minimal(**sections) -> dict:
+    raw = {"data": {"train": "/tmp/shards"}, "run": {"name": "t"}}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return raw
+
+
+def test_tiny_config_loads_with_overrides():
+    cfg = load_config(TINY, ["data.train=/data/shards", "optim.base_lr=0.5", "scaling.num_workers=2"])
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.data.train == "/data/shards"
+    assert cfg.optim.base_lr == 0.5 and isinstance(cfg.optim.base_lr, float)
+    assert cfg.per_worker_batch_size * cfg.scaling.num_workers == cfg.data.global_batch_size
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.name)
+def test_paper_recipes(path):
+    cfg = load_config(path, ["data.train=s3://bucket/imagenet/train"])
+    assert cfg.data.global_batch_size == 4096
+    assert cfg.optim.name == "lars"
+    assert cfg.schedule.epochs == 1000
+    assert cfg.scaling.use_gpu
+    assert cfg.run.storage.startswith("s3://")
+    assert cfg.model.arch == "resnet50"
+    # 4096 must split over the workers of the recipe
+    assert cfg.data.global_batch_size % cfg.scaling.num_workers == 0
+
+
+def test_relicv2_recipe_has_small_crops():
+    cfg = load_config(PAPER_CONFIGS[1])
+    assert cfg.views.preset == "relicv2"
+    assert cfg.views.options.get("num_small", 0) > 0
+
+
+def test_round_trip_through_yaml():
+    cfg = load_config(TINY, ["data.train=/x"])
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+def test_override_values_are_parsed_as_yaml():
+    raw = apply_overrides(
+        {"a": {"b": 1}}, ["a.b=2", "a.c=0.5", "a.d=true", "a.e=null", "a.f=[1, 2]", "x.y.z=hello"]
+    )
+    assert raw == {"a": {"b": 2, "c": 0.5, "d": True, "e": None, "f": [1, 2]}, "x": {"y": {"z": "hello"}}}
+
+
+def test_overrides_do_not_mutate_the_input():
+    raw = {"a": {"b": 1}}
+    apply_overrides(raw, ["a.b=2"])
+    assert raw == {"a": {"b": 1}}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "fragments"),
+    [
+        (["optim.bogus=1"], "optim.bogus", ["unknown key", "base_lr"]),
+        (["bogus.x=1"], "bogus", ["unknown key", "scaling"]),
+        (["scaling.num_workers=two"], "scaling.num_workers", ["'two'", "integer"]),
+        (["scaling.num_workers=1.5"], "scaling.num_workers", ["1.5", "integer"]),
+        (["scaling.use_gpu=3"], "scaling.use_gpu", ["3", "true or false"]),
+        (["views.preset=simclr"], "views.preset", ["'simclr'", "'relic'"]),
+        (["scaling.num_workers=0"], "scaling.num_workers", ["> 0", "0"]),
+        (["run.report_every=-1"], "run.report_every", ["> 0", "-1"]),
+        (
+            ["data.global_batch_size=30", "scaling.num_workers=4"],
+            "data.global_batch_size",
+            ["30", "num_workers=4"],
+        ),
+        (["scaling=3"], "scaling", ["mapping", "3"]),
+        (["run.max_steps=0"], "run.max_steps", ["0"]),
+    ],
+)
+def test_bad_values_name_key_value_and_expectation(overrides, key, fragments):
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["data.train=/x", *overrides])
+    assert info.value.key == key, str(info.value)
+    message = str(info.value)
+    assert key in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_training_section_validation_is_reported_with_the_section_key():
+    # training.config's own __post_init__ checks surface under their dotted key
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["data.train=/x", "objective.temperature=0"])
+    assert info.value.key == "objective.temperature"
+    assert "0" in str(info.value)
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"run": {"name": "x"}})
+    assert info.value.key == "data"
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"data": {}, "run": {"name": "x"}})
+    assert info.value.key == "data.train"
+
+
+def test_malformed_override_and_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(TINY, ["optim.base_lr"])
+    with pytest.raises(ConfigError, match=r"run\.name is a string"):
+        load_config(TINY, ["run.name.x=1"])
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=r"nope\.yaml"):
+        load_config(missing)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*YAML"):
+        load_config(bad)
+
+
+def test_defaults_and_types():
+    cfg = config_from_dict(minimal(scaling={"cpus_per_worker": 2}))
+    assert cfg.scaling.cpus_per_worker == 2.0 and isinstance(cfg.scaling.cpus_per_worker, float)
+    assert cfg.scaling.torch_backend == "gloo"
+    assert config_from_dict(minimal(scaling={"use_gpu": True})).scaling.torch_backend == "nccl"
+    assert cfg.to_dict()["run"]["name"] == "t"
