@@ -1,0 +1,364 @@
+"""View recipes as data, compiled to one NVIDIA DALI graph.
+
+A :class:`ViewRecipe` lists one :class:`ViewSpec` per view. :func:`views_graph` turns it into DALI
+operators: every image is decoded once, then each view applies, in BYOL's order (Grill et al. 2020,
+arXiv 2006.07733, Appendix B / Table 6):
+
+1. random resized crop to ``size`` x ``size`` (area fraction in ``scale``, aspect ratio in ``ratio``),
+2. colour jitter with probability ``jitter_p`` (brightness, contrast, saturation, hue),
+3. grayscale with probability ``grayscale_p``,
+4. Gaussian blur with probability ``blur_p`` and sigma drawn uniformly from ``blur_sigma``,
+5. solarize (``x -> 255 - x`` for ``x >= 128``) with probability ``solarize_p``,
+6. horizontal flip with probability ``flip_p`` and normalisation ``(x/255 - mean) / std``, as CHW.
+
+Random choices "with probability p" are per-sample Bernoulli masks (``fn.random.coin_flip``) that
+select the operator's parameter: the identity parameter when the coin is 0, a random one when it is
+1. So one operator call serves the whole batch, which is the same graph on CPU and GPU:
+
+- jitter + grayscale are one ``fn.color_twist``: factors ``1 + coin * (u - 1)``; grayscale is
+  saturation 0 (DALI's saturation projects onto the luma axis 0.299 R + 0.587 G + 0.114 B, the same
+  weights as torchvision's ``rgb_to_grayscale``, and luma does not depend on hue or saturation, so
+  "jitter then grayscale" equals one twist with the saturation factor multiplied by ``1 - gray``);
+- blur is ``fn.gaussian_blur`` with per-sample sigma and window; a window of 1 is the identity;
+- solarize is integer arithmetic: ``x XOR 255`` equals ``255 - x`` for uint8, applied where
+  ``x >= threshold`` with a per-sample threshold of 128 (coin 1) or 256 (coin 0, never reached);
+- flip is ``crop_mirror_normalize``'s per-sample ``mirror``.
+
+Known differences from torchvision's ``ColorJitter`` (documented, tested within tolerance in
+tests/pipeline/test_reference.py): DALI applies the four jitter factors in one fixed linear transform
+(torchvision picks a random order and clamps after each step), and DALI's contrast pivots around mid
+grey 128 where torchvision pivots around the image's mean grey.
+
+``device="gpu"`` uses the "mixed" decoder (nvJPEG) and the GPU variants of the same operators;
+random parameters are always generated on the CPU (DALI argument inputs live on the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: ImageNet channel statistics, the normalisation of BYOL/ReLIC (Grill et al. 2020, Appendix B).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _pair(name: str, value: Sequence[float], lo: float, hi: float | None = None) -> tuple[float, float]:
+    if len(value) != 2:
+        raise ValueError(f"ViewSpec.{name}: expected a (min, max) pair, got {value!r}")
+    a, b = float(value[0]), float(value[1])
+    if not (lo <= a <= b) or (hi is not None and b > hi):
+        bound = f"{lo} <= min <= max" + (f" <= {hi}" if hi is not None else "")
+        raise ValueError(f"ViewSpec.{name}: expected {bound}, got {value!r}")
+    return (a, b)
+
+
+@dataclass(kw_only=True)
+class ViewSpec:
+    """One augmented view. Probabilities are per sample; defaults are BYOL's view 1."""
+
+    size: int = 224
+    """Output height and width in pixels."""
+    scale: tuple[float, float] = (0.08, 1.0)
+    """Random-resized-crop area fraction range (Szegedy et al. 2015; torchvision's default)."""
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Random-resized-crop aspect-ratio (width / height) range."""
+    flip_p: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    """Colour-jitter strengths (brightness, contrast, saturation, hue) with torchvision's meaning:
+    factors uniform in [1 - s, 1 + s] (clipped at 0); hue shift uniform in [-h, h] turns."""
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 1.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel mean of [0, 1] pixel values, subtracted before dividing by ``std``."""
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if int(self.size) != self.size or self.size < 1:
+            raise ValueError(f"ViewSpec.size: expected a positive integer, got {self.size!r}")
+        self.size = int(self.size)
+        self.scale = _pair("scale", self.scale, 0.0, 1.0)
+        if self.scale[1] <= 0:
+            raise ValueError(f"ViewSpec.scale: expected max > 0, got {self.scale!r}")
+        self.ratio = _pair("ratio", self.ratio, 1e-6)
+        self.blur_sigma = _pair("blur_sigma", self.blur_sigma, 1e-6)
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"ViewSpec.{name}: expected a probability in [0, 1], got {p!r}")
+        if len(self.jitter) != 4 or any(s < 0 for s in self.jitter) or self.jitter[3] > 0.5:
+            raise ValueError(
+                "ViewSpec.jitter: expected (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, "
+                f"got {self.jitter!r}"
+            )
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if len(v) != 3 or (name == "std" and any(s <= 0 for s in v)):
+                raise ValueError(f"ViewSpec.{name}: expected 3 channel values (std > 0), got {v!r}")
+        self.jitter = tuple(float(s) for s in self.jitter)  # type: ignore[assignment]
+        self.mean = tuple(float(s) for s in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(s) for s in self.std)  # type: ignore[assignment]
+
+
+@dataclass(kw_only=True)
+class ViewRecipe:
+    """The views of one training sample; the first ``num_large`` are the large (target) views."""
+
+    views: list[ViewSpec] = field(default_factory=list)
+    num_large: int = 2
+
+    def __post_init__(self) -> None:
+        self.views = list(self.views)
+        if not self.views:
+            raise ValueError("ViewRecipe.views: expected at least one ViewSpec, got none")
+        if not 1 <= self.num_large <= len(self.views):
+            raise ValueError(
+                f"ViewRecipe.num_large: expected 1..{len(self.views)} (the number of views), got {self.num_large}"
+            )
+
+    @property
+    def sizes(self) -> list[int]:
+        return [v.size for v in self.views]
+
+
+def _byol_pair(size: int, scale: tuple[float, float] = (0.08, 1.0)) -> list[ViewSpec]:
+    """BYOL's asymmetric pair (Grill et al. 2020, arXiv 2006.07733, Table 6): blur 1.0 / 0.1,
+    solarize 0.0 / 0.2; both: flip 0.5, jitter p 0.8 with (0.4, 0.4, 0.2, 0.1), grayscale 0.2,
+    blur sigma in [0.1, 2.0]."""
+    return [
+        ViewSpec(size=size, scale=scale, blur_p=1.0, solarize_p=0.0),
+        ViewSpec(size=size, scale=scale, blur_p=0.1, solarize_p=0.2),
+    ]
+
+
+def preset(name: str, **overrides: Any) -> ViewRecipe:
+    """A named recipe, with optional overrides.
+
+    - ``relic``: two 224 views with BYOL's asymmetric augmentation (ReLIC, Mitrovic et al. 2021,
+      arXiv 2010.07922, uses BYOL's augmentations; Grill et al. 2020, Table 6).
+    - ``relicv2``: ``relic``'s two large views plus ``num_small`` (default 4) 96x96 crops, multi-crop as
+      in SwAV (Caron et al. 2020, arXiv 2006.09882, §3/Appendix: large crops area (0.14, 1), small
+      crops (0.05, 0.14)), which ReLICv2 (Tomasev et al. 2022, arXiv 2201.05119) adopts for its small
+      views. Small views get view-1 style augmentation (blur p 0.5, no solarize), SwAV's choice for
+      every crop being not the asymmetric one. The number of small crops is a tunable, not a claim.
+    - ``demo``: two 32x32 views for the CPU demo on digits: crops keep at least 40% of the area, no
+      flip (digits are not mirror symmetric), blur sigma scaled to the small image.
+
+    Overrides: ``num_small`` (relicv2), ``size`` (the large views), ``small_size`` (the small views),
+    ``num_large``; any other :class:`ViewSpec` field applies to every view, or per view when given as
+    a list with one value per view (e.g. ``blur_p=[1.0, 0.5]``).
+    """
+    num_small = overrides.pop("num_small", 4 if name == "relicv2" else 0)
+    if name == "relic":
+        if num_small:
+            raise ValueError(f"preset 'relic': num_small is a relicv2 option, got num_small={num_small}")
+        views = _byol_pair(overrides.pop("size", 224))
+    elif name == "relicv2":
+        views = _byol_pair(overrides.pop("size", 224), scale=(0.14, 1.0))
+        small = overrides.pop("small_size", 96)
+        views += [
+            ViewSpec(size=small, scale=(0.05, 0.14), blur_p=0.5, solarize_p=0.0)
+            for _ in range(int(num_small))
+        ]
+    elif name == "demo":
+        if num_small:
+            raise ValueError(f"preset 'demo': num_small is a relicv2 option, got num_small={num_small}")
+        size = overrides.pop("size", 32)
+        views = [
+            dataclasses.replace(v, scale=(0.4, 1.0), flip_p=0.0, blur_sigma=(0.1, 1.0))
+            for v in _byol_pair(size)
+        ]
+    else:
+        raise ValueError(f"unknown view preset {name!r}: expected one of 'relic', 'relicv2', 'demo'")
+    num_large = overrides.pop("num_large", 2)
+    overrides.pop("small_size", None)
+    names = {f.name for f in dataclasses.fields(ViewSpec)}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ValueError(f"preset {name!r}: unknown override {key!r}; expected one of {sorted(names)}")
+        if isinstance(value, list):
+            if len(value) != len(views):
+                raise ValueError(
+                    f"preset {name!r}: override {key!r} lists {len(value)} values for {len(views)} views"
+                )
+            views = [dataclasses.replace(v, **{key: x}) for v, x in zip(views, value)]
+        else:
+            views = [dataclasses.replace(v, **{key: value}) for v in views]
+    return ViewRecipe(views=views, num_large=num_large)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DALI graph
+
+
+def _coin(p: float):
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    return fn.random.coin_flip(probability=p, dtype=types.INT32)
+
+
+def _factor(strength: float, coin):
+    """``1 + coin * (u - 1)``, u ~ U[max(0, 1 - s), 1 + s]; 1 where the coin is 0."""
+    import nvidia.dali.fn as fn
+
+    u = fn.random.uniform(range=[max(0.0, 1.0 - strength), 1.0 + strength])
+    return 1.0 + coin * (u - 1.0) if coin is not None else u
+
+
+def _colour(images, spec: ViewSpec):
+    import nvidia.dali.fn as fn
+
+    brightness, contrast, saturation, hue = spec.jitter
+    kwargs: dict[str, Any] = {}
+    if spec.jitter_p > 0 and any(spec.jitter):
+        coin = None if spec.jitter_p >= 1 else _coin(spec.jitter_p)
+        if brightness:
+            kwargs["brightness"] = _factor(brightness, coin)
+        if contrast:
+            kwargs["contrast"] = _factor(contrast, coin)
+        if saturation:
+            kwargs["saturation"] = _factor(saturation, coin)
+        if hue:
+            # torchvision's hue factor is a fraction of the colour circle; DALI takes degrees.
+            shift = fn.random.uniform(range=[-360.0 * hue, 360.0 * hue])
+            kwargs["hue"] = shift * coin if coin is not None else shift
+    if spec.grayscale_p > 0:
+        keep = 1 - _coin(spec.grayscale_p) if spec.grayscale_p < 1 else 0.0
+        kwargs["saturation"] = kwargs["saturation"] * keep if "saturation" in kwargs else keep * 1.0
+    return fn.color_twist(images, **kwargs) if kwargs else images
+
+
+def _blur(images, spec: ViewSpec):
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+
+    if spec.blur_p <= 0:
+        return images
+    sigma = fn.random.uniform(range=list(spec.blur_sigma))
+    window = 2 * fn.cast(dmath.ceil(3.0 * sigma), dtype=types.INT32) + 1  # DALI's default radius 3 sigma
+    if spec.blur_p < 1:
+        window = 1 + _coin(spec.blur_p) * (window - 1)  # a 1-tap window is the identity
+    return fn.gaussian_blur(images, sigma=sigma, window_size=window)
+
+
+def _solarize(images, spec: ViewSpec):
+    import nvidia.dali.types as types
+
+    if spec.solarize_p <= 0:
+        return images
+    threshold = 128 if spec.solarize_p >= 1 else 256 - 128 * _coin(spec.solarize_p)
+    flip_bits = (images >= threshold) * types.Constant(255, dtype=types.UINT8)
+    return images ^ flip_bits
+
+
+def _view(decoded, spec: ViewSpec, dtype, layout: str):
+    import nvidia.dali.fn as fn
+
+    x = fn.random_resized_crop(
+        decoded,
+        size=[spec.size, spec.size],
+        random_area=list(spec.scale),
+        random_aspect_ratio=list(spec.ratio),
+    )
+    x = _colour(x, spec)
+    x = _blur(x, spec)
+    x = _solarize(x, spec)
+    mirror = _coin(spec.flip_p) if 0 < spec.flip_p < 1 else int(spec.flip_p >= 1)
+    return fn.crop_mirror_normalize(
+        x,
+        mirror=mirror,
+        mean=[255.0 * m for m in spec.mean],
+        std=[255.0 * s for s in spec.std],
+        dtype=dtype,
+        output_layout=layout,
+    )
+
+
+def views_graph(encoded, recipe: ViewRecipe, *, device: str = "cpu", fp16: bool = False, layout: str = "CHW"):
+    """Inside a DALI pipeline definition: decode ``encoded`` (a DataNode of JPEG bytes) once and return
+    one DataNode per view (float32, or float16 with ``fp16``; ``layout`` CHW or HWC)."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"device: expected 'cpu' or 'gpu', got {device!r}")
+    if layout not in ("CHW", "HWC"):
+        raise ValueError(f"layout: expected 'CHW' or 'HWC', got {layout!r}")
+    decoded = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    dtype = types.FLOAT16 if fp16 else types.FLOAT
+    return [_view(decoded, spec, dtype, layout) for spec in recipe.views]
+
+
+def build_pipeline(
+    recipe: ViewRecipe,
+    *,
+    device: str = "cpu",
+    batch_size: int,
+    num_threads: int = 2,
+    seed: int = 0,
+    device_id: int | None = None,
+    source: Callable | Any = None,
+    inputs: Callable[[], tuple[Any, Any]] | None = None,
+    prefetch_queue_depth: int = 2,
+    fp16: bool = False,
+    layout: str = "CHW",
+):
+    """A DALI pipeline whose outputs are the recipe's views followed by the labels.
+
+    The encoded images and labels come either from ``source`` (a callable or iterator giving
+    ``(list of uint8 arrays, int64 array [B])`` per batch, fed through ``fn.external_source``) or from
+    ``inputs`` (a function called inside the pipeline definition returning ``(encoded, labels)``
+    DataNodes, e.g. from ``fn.readers.webdataset``). ``device="cpu"`` needs ``device_id=None``.
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import Pipeline
+
+    if (source is None) == (inputs is None):
+        raise ValueError("build_pipeline: give exactly one of source= (external source) or inputs=")
+    if device == "gpu" and device_id is None:
+        raise ValueError("build_pipeline: device='gpu' needs a device_id")
+    pipe = Pipeline(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id if device == "gpu" else None,
+        seed=seed & 0x7FFFFFFF,
+        prefetch_queue_depth=prefetch_queue_depth,
+    )
+    with pipe:
+        if source is not None:
+            encoded, labels = fn.external_source(
+                source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64]
+            )
+        else:
+            encoded, labels = inputs()
+        views = views_graph(encoded, recipe, device=device, fp16=fp16, layout=layout)
+        pipe.set_outputs(*views, labels)
+    return pipe
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed from integers (seed, rank, epoch, ...): reproducible, distinct per tuple."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    return (h ^ (h >> 31)) % (2**31 - 1) or 1
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ViewRecipe",
+    "ViewSpec",
+    "build_pipeline",
+    "derive_seed",
+    "preset",
+    "views_graph",
+]

@@ -1,0 +1,325 @@
+"""Batches of augmented views as torch tensors: raw JPEG batches -> one DALI graph -> ``ViewBatch``.
+
+``ViewLoader`` takes any *reader* with ``.epoch(epoch, start_batch) -> Iterator[RawBatch]`` (a
+``pipeline.reader.ShardReader`` in production; anything giving objects with ``images: list[bytes]``
+and ``labels`` in tests) and a :class:`~pipeline.augment.ViewRecipe`.
+
+Overlap: a background thread pulls raw batches from the reader (Python: tar streaming, S3) into a
+bounded queue of ``prefetch`` batches, while DALI's worker threads (native code, no GIL) decode and
+augment the batches that ``fn.external_source`` already took, ``prefetch`` batches ahead.
+
+Reproducibility: the DALI pipeline is rebuilt for every ``epoch()`` call with its seed derived from
+(seed, reader rank, epoch, start_batch), so the same reader data and the same arguments give the
+same views. (A resumed epoch therefore draws different augmentations from the uninterrupted one;
+the samples are the same.)
+
+Corrupt data: the reader validates images cheaply, but DALI's decoder raises on anything it cannot
+decode. When a batch fails, the loader rebuilds the pipeline, fully decodes every sample of the
+batches that were in flight with PIL, replaces each undecodable sample by a decodable one of the same
+batch (the batch size is fixed: training gathers equal shapes), counts it in
+``stats["decode_fallback"]`` and logs its key once, then re-feeds those batches.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.augment import ViewRecipe, build_pipeline, derive_seed
+
+log = logging.getLogger(__name__)
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class ViewBatch:
+    """``views[v]``: ``[B, 3, H_v, W_v]`` on the training device; the first ``num_large`` are the large
+    views. ``labels``: ``[B]`` int64 (-1 when unlabelled), on the same device."""
+
+    views: list[torch.Tensor]
+    labels: torch.Tensor
+
+
+class _Batch:
+    """A raw batch as DALI's external source takes it: uint8 arrays (no copy of the bytes)."""
+
+    __slots__ = ("arrays", "keys", "labels")
+
+    def __init__(self, images: list[bytes], labels: Any, keys: list[str] | None) -> None:
+        self.arrays = [np.frombuffer(b, dtype=np.uint8) for b in images]
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(len(images))
+        self.keys = list(keys) if keys is not None else [str(i) for i in range(len(images))]
+
+
+_END = object()
+
+
+class _Feeder(threading.Thread):
+    """Background thread: reader epoch iterator -> bounded queue of ``_Batch`` (or the exception)."""
+
+    def __init__(self, batches: Iterator[Any], depth: int) -> None:
+        super().__init__(daemon=True, name="ViewLoader-feeder")
+        self.batches = batches
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.stopped = threading.Event()
+
+    def _put(self, item: Any) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run(self) -> None:
+        try:
+            for raw in self.batches:
+                if not self._put(_Batch(raw.images, raw.labels, getattr(raw, "keys", None))):
+                    return
+            self._put(_END)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            self._put(e)
+        finally:
+            close = getattr(self.batches, "close", None)
+            if close is not None and self.stopped.is_set():
+                with contextlib.suppress(Exception):  # best effort while shutting down
+                    close()
+
+    def get(self, timeout: float) -> _Batch:
+        try:
+            item = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"ViewLoader: the reader produced no batch within {timeout:.0f} s") from None
+        if item is _END:
+            self._put(_END)  # DALI may ask again after the end
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._put(item)
+            raise item
+        return item
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=10)
+
+
+def _decodes(data: np.ndarray) -> bool:
+    """A full PIL decode: the slow but thorough check used only after DALI failed on a batch."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            im.convert("RGB").load()
+        return True
+    except Exception:
+        return False
+
+
+def _reencode(data: np.ndarray) -> np.ndarray:
+    """Decode with PIL and re-encode as a baseline RGB JPEG (for files PIL reads but DALI does not)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    with Image.open(io.BytesIO(data.tobytes())) as im:
+        im.convert("RGB").save(out, format="JPEG", quality=95)
+    return np.frombuffer(out.getvalue(), dtype=np.uint8)
+
+
+class ViewLoader:
+    """Iterates ``ViewBatch``es of one epoch of ``reader`` augmented by ``recipe`` (see module doc).
+
+    ``device``: "cpu" or a CUDA device (DALI's GPU graph, "mixed" decoder). ``dtype``: float32,
+    float16 (produced by DALI) or bfloat16 (converted from float32). ``channels_last``: NCHW tensors
+    with channels-last strides (DALI writes HWC; no extra copy). ``prefetch``: raw batches queued
+    ahead by the reading thread and batches DALI processes ahead.
+    """
+
+    def __init__(
+        self,
+        reader: Any,
+        recipe: ViewRecipe,
+        *,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        num_threads: int = 2,
+        dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
+        prefetch: int = 2,
+        timeout: float = 600.0,
+        max_attempts: int = 3,
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"ViewLoader dtype: expected one of {_DTYPES}, got {dtype}")
+        if prefetch < 1:
+            raise ValueError(f"ViewLoader prefetch: expected >= 1, got {prefetch}")
+        self.reader = reader
+        self.recipe = recipe
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"ViewLoader device: expected cpu or cuda, got {self.device}")
+        self.seed = int(seed)
+        self.num_threads = int(num_threads)
+        self.dtype = dtype
+        self.channels_last = bool(channels_last)
+        self.prefetch = int(prefetch)
+        self.timeout = float(timeout)
+        self.max_attempts = int(max_attempts)
+        self._counters: collections.Counter = collections.Counter()
+
+    def __len__(self) -> int:
+        return int(self.reader.batches_per_epoch)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The reader's counters plus this loader's: ``decode_fallback`` (samples DALI could not
+        decode, replaced) and ``pipeline_rebuilds``."""
+        out: dict[str, int] = {}
+        reader_stats = getattr(self.reader, "stats", None)
+        if isinstance(reader_stats, Mapping):
+            out.update(reader_stats)
+        elif reader_stats is not None:
+            as_dict = getattr(reader_stats, "as_dict", None) or getattr(reader_stats, "to_dict", None)
+            out.update(as_dict() if as_dict else vars(reader_stats))
+        for k in ("decode_fallback", "pipeline_rebuilds"):
+            out[k] = out.get(k, 0) + self._counters[k]
+        return out
+
+    # --------------------------------------------------------------------------------------------
+
+    def _dali_device(self) -> tuple[str, int | None]:
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            return "gpu", index
+        return "cpu", None
+
+    def _build(self, batch_size: int, seed: int, source: Any):
+        device, device_id = self._dali_device()
+        pipe = build_pipeline(
+            self.recipe,
+            device=device,
+            batch_size=batch_size,
+            num_threads=self.num_threads,
+            seed=seed,
+            device_id=device_id,
+            source=source,
+            prefetch_queue_depth=self.prefetch,
+            fp16=self.dtype == torch.float16,
+            layout="HWC" if self.channels_last else "CHW",
+        )
+        pipe.build()
+        return pipe
+
+    def _to_torch(self, outputs: tuple) -> ViewBatch:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        views = []
+        for out in outputs[:-1]:
+            dense = out.as_tensor()  # a view of DALI's contiguous batch buffer
+            t = torch.empty(
+                tuple(dense.shape()),
+                dtype=torch.float16 if self.dtype == torch.float16 else torch.float32,
+                device=self.device,
+            )
+            feed_ndarray(dense, t, cuda_stream=stream)  # the one copy, into torch memory
+            if self.dtype == torch.bfloat16:
+                t = t.to(torch.bfloat16)
+            if self.channels_last:
+                t = t.permute(0, 3, 1, 2)  # HWC storage -> NCHW view with channels-last strides
+            views.append(t)
+        labels = torch.from_numpy(np.array(outputs[-1].as_tensor()).reshape(-1).astype(np.int64))
+        return ViewBatch(views=views, labels=labels.to(self.device, non_blocking=True))
+
+    def _repair(self, batches: list[_Batch], reencode: bool) -> None:
+        """Replace every sample PIL cannot decode by a decodable one of the same batch (in place)."""
+        for batch in batches:
+            good = [i for i, a in enumerate(batch.arrays) if _decodes(a)]
+            bad = sorted(set(range(len(batch.arrays))) - set(good))
+            if not good:
+                raise RuntimeError(
+                    f"ViewLoader: no decodable image in a batch (keys {batch.keys[:4]}...); cannot fill it"
+                )
+            for j, i in enumerate(bad):
+                src = good[j % len(good)]
+                log.warning(
+                    "ViewLoader: DALI could not decode sample %r; replaced by %r",
+                    batch.keys[i],
+                    batch.keys[src],
+                )
+                batch.arrays[i], batch.labels[i] = batch.arrays[src], batch.labels[src]
+                batch.keys[i] = batch.keys[src]
+            self._counters["decode_fallback"] += len(bad)
+            if reencode:
+                batch.arrays = [_reencode(a) for a in batch.arrays]
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[ViewBatch]:
+        """The views of ``reader.epoch(epoch, start_batch)``, one ``ViewBatch`` per raw batch."""
+        feeder = _Feeder(iter(self.reader.epoch(epoch, start_batch)), self.prefetch)
+        feeder.start()
+        inflight: collections.deque[_Batch] = collections.deque()
+        replay: collections.deque[_Batch] = collections.deque()
+
+        def source():
+            batch = replay.popleft() if replay else feeder.get(self.timeout)
+            inflight.append(batch)
+            return batch.arrays, batch.labels
+
+        rank = int(getattr(self.reader, "rank", 0))
+        pipe = None
+        index = start_batch
+        failures = 0
+        try:
+            try:
+                first = feeder.get(self.timeout)
+            except StopIteration:
+                return
+            replay.append(first)
+            batch_size = len(first.arrays)
+            pipe = self._build(batch_size, derive_seed(self.seed, rank, epoch, start_batch), source)
+            while True:
+                try:
+                    outputs = pipe.run()
+                except StopIteration:
+                    return
+                except RuntimeError as e:
+                    if not inflight:
+                        raise
+                    failures += 1
+                    if failures > self.max_attempts:
+                        raise RuntimeError(
+                            f"ViewLoader: DALI failed {failures} times on batch {index} of epoch {epoch} "
+                            f"(keys {inflight[0].keys[:4]}...) even after replacing undecodable samples"
+                        ) from e
+                    log.warning(
+                        "ViewLoader: DALI failed on batch %d of epoch %d (%s); recovering", index, epoch, e
+                    )
+                    lost = list(inflight)
+                    inflight.clear()
+                    del pipe
+                    pipe = None
+                    self._repair(lost, reencode=failures > 1)
+                    replay.extendleft(reversed(lost))
+                    self._counters["pipeline_rebuilds"] += 1
+                    pipe = self._build(
+                        batch_size, derive_seed(self.seed, rank, epoch, index, failures), source
+                    )
+                    continue
+                inflight.popleft()
+                failures = 0
+                index += 1
+                yield self._to_torch(outputs)
+        finally:
+            feeder.stop()
+            del pipe
