@@ -82,3 +82,40 @@ def dirname(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://" + posixpath.dirname(rest.rstrip("/"))
     return os.path.dirname(os.path.abspath(url))
+
+
+# --- webdataset opener (reader engineer; additive) -------------------------------------------------
+# webdataset opens shards with ``webdataset.gopen.gopen(url, mode, bufsize, **kw)``, which dispatches on
+# the URL scheme through the module-level table ``gopen_schemes`` and forwards ``**kw`` to the handler
+# (webdataset 1.0.2, gopen.py). Plain paths and file:// never reach the table. Registering a handler for
+# "s3" (and any other fsspec protocol) makes every webdataset pipeline stream those URLs through fsspec.
+
+REMOTE_BLOCK_SIZE = 8 << 20  # read-ahead block for remote shards: bounded memory, few round trips
+_wds_default_options: dict[str, dict[str, Any]] = {}
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, storage_options=None, **kw: Any):
+    """webdataset ``gopen`` handler: open ``url`` through fsspec, streaming with bounded read-ahead.
+
+    ``storage_options`` passed to ``gopen`` win over those given to :func:`register_webdataset_opener`.
+    """
+    opts = storage_options if storage_options is not None else _wds_default_options.get(protocol(url), {})
+    fs, path = filesystem(url, opts)
+    if mode.startswith("r"):
+        return fs.open(path, mode, block_size=REMOTE_BLOCK_SIZE, cache_type="readahead")
+    return fs.open(path, mode)
+
+
+def register_webdataset_opener(
+    options: dict[str, Any] | None = None, protocols: tuple[str, ...] = ("s3",)
+) -> None:
+    """Make webdataset open ``protocols`` URLs (default s3://) through fsspec with ``options``.
+
+    Idempotent; a later call replaces the default options of the protocols it names. Any fsspec
+    protocol works (``gs``, ``az``, ``memory``...), given its fsspec backend is installed.
+    """
+    from webdataset import gopen as wds_gopen
+
+    for proto in protocols:
+        _wds_default_options[proto] = dict(options or {})
+        wds_gopen.gopen_schemes[proto] = _gopen_fsspec
