@@ -62,3 +62,14 @@ def s3_bucket(s3_server, s3_options):
     fs.mkdir(name)
     fs.invalidate_cache()
     yield f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory):
+    """A local shard set (manifest.json + 5 tars + DALI .idx files) built from ``builtin:digits``'s
+    train split (1,258 samples, 256 per shard, labelled 0..9); yields its directory path as str."""
+    from pipeline.shards.build import build_shards
+
+    out = tmp_path_factory.mktemp("digits_shards")
+    build_shards("builtin:digits?split=train", str(out), max_samples=256, index=True, progress=False)
+    return str(out)
