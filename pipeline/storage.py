@@ -114,8 +114,10 @@ def register_webdataset_opener(
     Idempotent; a later call replaces the default options of the protocols it names. Any fsspec
     protocol works (``gs``, ``az``, ``memory``...), given its fsspec backend is installed.
     """
-    from webdataset import gopen as wds_gopen
+    from importlib import import_module
 
+    # The module: `from webdataset import gopen` would give the function of the same name.
+    wds_gopen = import_module("webdataset.gopen")
     for proto in protocols:
         _wds_default_options[proto] = dict(options or {})
         wds_gopen.gopen_schemes[proto] = _gopen_fsspec

@@ -1,0 +1,295 @@
+"""ShardReader: epoch planning (pure), exact coverage across ranks x workers, resume, labels, formats.
+
+Shards are written here with ``tarfile`` + ``save_manifest`` so that every member (and every defect,
+see test_reader_bad_data.py) is under the test's control. Helpers are imported by the other
+test_reader_* modules.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import reader as reader_mod
+from pipeline.reader import (
+    RawBatch,
+    ShardReader,
+    plan_epoch,
+    samples_per_rank,
+    shard_order,
+    shuffle_order,
+    split_workers,
+)
+from pipeline.shards.manifest import Manifest, ShardInfo, save_manifest
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def encode(index: int, fmt: str = "JPEG", size: tuple[int, int] = (24, 16)) -> bytes:
+    """A small image whose pixels depend on ``index`` (so decoded content identifies the sample)."""
+    rng = np.random.default_rng(index)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+
+
+def sample_members(
+    index: int, image_ext: str = "jpg", label_ext: str | None = "cls"
+) -> list[tuple[str, bytes]]:
+    key = f"{index:09d}"
+    fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[image_ext]
+    members = [(f"{key}.{image_ext}", encode(index, fmt))]
+    if label_ext == "cls":
+        members.append((f"{key}.cls", str(index % 10).encode()))
+    elif label_ext == "json":
+        members.append((f"{key}.json", json.dumps({"label": index % 10, "source": f"s{index}"}).encode()))
+    if label_ext != "json":
+        members.append((f"{key}.json", json.dumps({"source": f"s{index}"}).encode()))
+    return members
+
+
+def make_shard_set(
+    root: Path,
+    shard_members: list[list[tuple[str, bytes]]],
+    shard_samples: list[int],
+    *,
+    image_ext: str = "jpg",
+    label_ext: str | None = "cls",
+    label_key: str | None = None,
+) -> str:
+    """Write ``shard-{i:06d}.tar`` files and a manifest claiming ``shard_samples``; returns the manifest URL."""
+    root.mkdir(parents=True, exist_ok=True)
+    infos = []
+    for i, (members, samples) in enumerate(zip(shard_members, shard_samples)):
+        path = root / f"shard-{i:06d}.tar"
+        write_tar(path, members)
+        infos.append(ShardInfo(name=path.name, samples=samples, bytes=path.stat().st_size, sha256=""))
+    manifest = Manifest(shards=infos, image_ext=image_ext, label_ext=label_ext, label_key=label_key)
+    return save_manifest(manifest, str(root))
+
+
+def make_clean_set(root: Path, sizes: list[int], **kw) -> str:
+    """Shards of good samples, numbered consecutively across shards."""
+    shards, start = [], 0
+    for n in sizes:
+        shards.append([m for i in range(start, start + n) for m in sample_members(i, **kw)])
+        start += n
+    return make_shard_set(root, shards, sizes, **kw)
+
+
+def epoch_batches(reader: ShardReader, epoch: int, start_batch: int = 0) -> list[RawBatch]:
+    return list(reader.epoch(epoch, start_batch))
+
+
+def keys_of(batches: list[RawBatch]) -> list[str]:
+    return [k for b in batches for k in b.keys]
+
+
+def naive_block(
+    counts: list[int], rank: int, world: int, batch: int, seed: int, epoch: int
+) -> list[tuple[int, int]]:
+    """Independent reference: (shard, ordinal) of every sample of the rank's block, by listing them all."""
+    sequence = [(int(s), o) for s in shard_order(len(counts), seed, epoch) for o in range(counts[s])]
+    n = (len(sequence) // world // batch) * batch
+    return sequence[rank * n : (rank + 1) * n]
+
+
+def expand(spans) -> list[tuple[int, int]]:
+    return [(s, o) for s, a, b in spans for o in range(a, b)]
+
+
+# --- planning (pure) ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world,batch", [(1, 4), (2, 3), (3, 5), (4, 1)])
+def test_plan_epoch_matches_naive_reference_and_partitions(world, batch):
+    counts = [7, 3, 11, 5, 9, 1, 6]
+    blocks = [plan_epoch(counts, r, world, batch, seed=3, epoch=2) for r in range(world)]
+    for r, spans in enumerate(blocks):
+        assert expand(spans) == naive_block(counts, r, world, batch, 3, 2)
+        assert sum(b - a for _, a, b in spans) == samples_per_rank(sum(counts), world, batch)
+    flat = [x for spans in blocks for x in expand(spans)]
+    assert len(flat) == len(set(flat)) == world * samples_per_rank(sum(counts), world, batch)
+
+
+def test_shard_order_and_dropped_remainder_change_between_epochs():
+    counts = [10] * 8 + [3]  # 83 samples, world 2 x batch 8 -> 80 used, 3 dropped
+    dropped, orders = [], []
+    everything = {(s, o) for s in range(len(counts)) for o in range(counts[s])}
+    for epoch in range(6):
+        orders.append(tuple(shard_order(len(counts), 0, epoch)))
+        used = {x for r in range(2) for x in expand(plan_epoch(counts, r, 2, 8, 0, epoch))}
+        dropped.append(frozenset(everything - used))
+        assert len(everything - used) == 3
+    assert len(set(orders)) == 6
+    assert len(set(dropped)) > 1
+    assert orders[0] == tuple(shard_order(len(counts), 0, 0))  # deterministic
+    assert tuple(shard_order(len(counts), 1, 0)) != orders[0]  # seed matters
+
+
+def test_plan_epoch_rejects_bad_rank():
+    with pytest.raises(ValueError, match="rank"):
+        plan_epoch([10], 2, 2, 1, 0, 0)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 5])
+def test_split_workers_whole_batches_contiguous(workers):
+    spans = plan_epoch([7, 3, 11, 5, 9], 0, 1, 4, 0, 0)
+    segments = split_workers(spans, workers, 4)
+    assert len(segments) == workers
+    assert [x for seg in segments for x in expand(seg)] == expand(spans)
+    sizes = [sum(b - a for _, a, b in seg) for seg in segments]
+    assert all(s % 4 == 0 for s in sizes)
+    assert max(sizes) - min(sizes) <= 4
+
+
+def test_shuffle_order_is_a_bounded_permutation():
+    rng = np.random.default_rng(0)
+    order = shuffle_order(1000, 50, rng)
+    assert sorted(order.tolist()) == list(range(1000))
+    assert np.all(order <= np.arange(1000) + 50)
+    assert not np.array_equal(order, np.arange(1000))
+    assert np.array_equal(shuffle_order(1000, 50, np.random.default_rng(0)), order)
+    assert not np.array_equal(shuffle_order(1000, 50, np.random.default_rng(1)), order)
+    assert np.array_equal(shuffle_order(10, 1, rng), np.arange(10))
+    assert sorted(shuffle_order(7, 100, rng).tolist()) == list(range(7))
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clean_set(tmp_path_factory):
+    return make_clean_set(tmp_path_factory.mktemp("clean"), [23, 17, 30, 9, 21])  # 100 samples
+
+
+def test_one_rank_epoch_exact_keys_labels_and_bytes(clean_set):
+    reader = ShardReader(clean_set, batch_size=8, shuffle_buffer=16, seed=5)
+    assert reader.batches_per_epoch == len(reader) == 12 and reader.samples_per_rank == 96
+    batches = epoch_batches(reader, 0)
+    assert len(batches) == 12 and all(len(b.images) == len(b.keys) == b.labels.shape[0] == 8 for b in batches)
+    keys = keys_of(batches)
+    assert len(set(keys)) == 96
+    counts = [s.samples for s in reader.manifest.shards]
+    offsets = np.cumsum([0, *counts])
+    expected = {f"{offsets[s] + o:09d}" for s, o in naive_block(counts, 0, 1, 8, 5, 0)}
+    assert set(keys) == expected
+    for b in batches:
+        assert b.labels.dtype == np.int64
+        for key, label, image in zip(b.keys, b.labels, b.images):
+            assert label == int(key) % 10
+            assert image == encode(int(key))
+    assert reader.stats["samples"] == 96 and reader.stats["filled"] == 0
+    assert sum(reader.stats[r] for r in reader_mod.SKIP_REASONS) == 0
+
+
+def test_new_epoch_changes_order_same_epoch_repeats(clean_set):
+    reader = ShardReader(clean_set, batch_size=8, shuffle_buffer=16, seed=5)
+    e0, e0_again, e1 = (keys_of(epoch_batches(reader, e)) for e in (0, 0, 1))
+    assert e0 == e0_again
+    assert e0 != e1
+    other_seed = ShardReader(clean_set, batch_size=8, shuffle_buffer=16, seed=6)
+    assert keys_of(epoch_batches(other_seed, 0)) != e0
+
+
+def test_shuffle_buffer_mixes_within_shard(clean_set):
+    unshuffled = keys_of(epoch_batches(ShardReader(clean_set, batch_size=4, shuffle_buffer=1), 0))
+    shuffled = keys_of(epoch_batches(ShardReader(clean_set, batch_size=4, shuffle_buffer=32), 0))
+    assert sorted(unshuffled) == sorted(shuffled) and unshuffled != shuffled
+    # Without the buffer, each shard's samples come in tar order.
+    runs = [int(k) for k in unshuffled]
+    assert sum(b == a + 1 for a, b in itertools.pairwise(runs)) >= len(runs) - 5
+
+
+@pytest.mark.parametrize("world,workers", [(2, 1), (3, 2), (2, 3)])
+def test_ranks_and_workers_cover_disjoint_equal(clean_set, world, workers):
+    per_rank = []
+    for rank in range(world):
+        reader = ShardReader(
+            clean_set, batch_size=4, rank=rank, world_size=world, num_workers=workers, shuffle_buffer=8
+        )
+        batches = epoch_batches(reader, 1)
+        assert len(batches) == reader.batches_per_epoch == 100 // world // 4
+        per_rank.append(keys_of(batches))
+    assert len({len(k) for k in per_rank}) == 1
+    flat = [k for keys in per_rank for k in keys]
+    assert len(flat) == len(set(flat)) == world * (100 // world // 4) * 4
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_resume_equals_uninterrupted_and_skips_consumed(clean_set, workers, monkeypatch):
+    reader = ShardReader(clean_set, batch_size=4, num_workers=workers, shuffle_buffer=10, seed=1)
+    full = epoch_batches(reader, 3)
+    finished = Counter()
+    real_finish = ShardReader._finish
+
+    def spy(self, shard_name, group):
+        finished[group["__key__"]] += 1
+        return real_finish(self, shard_name, group)
+
+    monkeypatch.setattr(ShardReader, "_finish", spy)
+    for start in (0, 1, 7, 17, 24, 25):
+        finished.clear()
+        resumed = epoch_batches(reader, 3, start)
+        assert [b.keys for b in resumed] == [b.keys for b in full[start:]]
+        assert all(np.array_equal(a.labels, b.labels) for a, b in zip(resumed, full[start:]))
+        # Consumed samples are not read, apart from those still in the shuffle buffers.
+        assert sum(finished.values()) <= 4 * (25 - start) + workers * 10
+    with pytest.raises(ValueError, match="start_batch"):
+        next(reader.epoch(0, 26))
+
+
+def test_json_labels_png_and_webp(tmp_path):
+    for image_ext in ("png", "webp", "jpeg"):
+        url = make_clean_set(tmp_path / image_ext, [6, 7], image_ext=image_ext, label_ext="json")
+        reader = ShardReader(url, batch_size=4)
+        batches = epoch_batches(reader, 0)
+        assert sum(reader.stats[r] for r in reader_mod.SKIP_REASONS) == 0, reader.stats
+        for b in batches:
+            assert [int(k) % 10 for k in b.keys] == b.labels.tolist()
+    url = make_clean_set(tmp_path / "unlabelled", [9], label_ext=None)
+    batches = epoch_batches(ShardReader(url, batch_size=3), 0)
+    assert all(b.labels.tolist() == [-1, -1, -1] for b in batches)
+
+
+def test_json_label_key_and_class_names(tmp_path):
+    members = [
+        ("a.jpg", encode(1)),
+        ("a.json", json.dumps({"y": "cat"}).encode()),
+        ("b.jpg", encode(2)),
+        ("b.json", json.dumps({"y": 0}).encode()),
+        ("c.jpg", encode(3)),
+        ("c.json", json.dumps({"y": "unknown"}).encode()),
+    ]
+    url = make_shard_set(tmp_path, [members], [3], label_ext="json", label_key="y")
+    from pipeline.shards.manifest import load_manifest
+
+    manifest = load_manifest(url)
+    manifest.classes = ["dog", "cat"]
+    save_manifest(manifest, url)
+    reader = ShardReader(url, batch_size=3, shuffle_buffer=1)
+    (batch,) = epoch_batches(reader, 0)
+    assert dict(zip(batch.keys, batch.labels.tolist())) == {"a": 1, "b": 0, "c": -1}
+    assert reader.stats["bad_label"] == 1
+
+
+def test_too_few_samples_for_one_batch_per_rank(clean_set):
+    with pytest.raises(ValueError, match="world_size=4"):
+        ShardReader(clean_set, batch_size=32, world_size=4)
