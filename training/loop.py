@@ -1,0 +1,323 @@
+"""One ReLIC training step on a ``TrainState``, and the state's exact save/restore.
+
+Batches are anything with ``.views`` (a list of tensors [B,3,H,W], the large views first) and
+``.labels``; the number of large views is ``batch.num_large`` when the batch has it, otherwise the
+number of leading views with the first view's shape. The cluster layer may replace ``state.model`` by
+``DistributedDataParallel(state.model)``: the online forward then goes through the wrapper (one
+forward per backward, so DDP's gradient averaging applies), while the EMA update, the optimiser and
+checkpoints use the unwrapped module (``state.online``).
+
+Single process::
+
+    state = build_train_state(ModelConfig(arch="resnet18", small_stem=True), ObjectiveConfig(),
+                              OptimConfig(), ScheduleConfig(epochs=10), steps_per_epoch=len(loader),
+                              global_batch=256, device="cpu")
+    for epoch in range(state.epoch, 10):
+        for batch in loader.epoch(epoch, start_batch=state.batch_in_epoch):
+            metrics = train_step(state, batch)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from training import distributed
+from training.config import ModelConfig, ObjectiveConfig, OptimConfig, ScheduleConfig
+from training.loss import LossTerms, relic_loss
+from training.model import EMATarget, build_model
+from training.optim import build_optimizer, lr_schedule, momentum_schedule
+
+Objective = Callable[[list[torch.Tensor], list[torch.Tensor]], LossTerms]
+"""Replacement objective for baselines and benchmarks: (online projections, local target projections)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; training stops instead of corrupting the weights."""
+
+
+@dataclass(eq=False)
+class TrainState:
+    """Everything a training run needs to continue exactly where it stopped."""
+
+    model: nn.Module
+    """Online network (``ReLICModel``), possibly wrapped in DDP by the cluster layer."""
+    target: EMATarget | None
+    """EMA target network; None when the target is the online network itself."""
+    optimizer: torch.optim.Optimizer
+    objective: ObjectiveConfig
+    lr_schedule: torch.Tensor
+    """Learning rate per step, [total_steps]."""
+    momentum_schedule: torch.Tensor
+    """EMA momentum per step, [total_steps]."""
+    steps_per_epoch: int
+    device: torch.device
+    bf16: bool = False
+    """bf16 autocast of the forward pass (CUDA only)."""
+    grad_clip: float | None = None
+    step: int = 0
+    """Optimiser steps taken (global, across epochs)."""
+    samples_seen: int = 0
+    """Samples consumed over the whole run (global batch, all ranks)."""
+    samples_in_epoch: int = 0
+    """Samples consumed in the current epoch (all ranks)."""
+    queue: torch.Tensor | None = None
+    """FIFO of earlier gathered target projections, [Vt, queue_size, D] ring buffer (allocated on first use)."""
+    queue_len: int = 0
+    """Valid rows of ``queue`` (grows to queue_size)."""
+    queue_ptr: int = 0
+    """Next row of ``queue`` to overwrite."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Caller-owned values saved with the state (e.g. the cluster's data-loader position)."""
+
+    @property
+    def online(self) -> nn.Module:
+        """The online network without its DDP wrapper."""
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.lr_schedule.shape[0])
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    @property
+    def batch_in_epoch(self) -> int:
+        """Batches of the current epoch already consumed (where the data loader resumes)."""
+        return self.step % self.steps_per_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """A checkpoint (tensors are references: ``torch.save`` it or deep-copy it)."""
+        return {
+            "model": self.online.state_dict(),
+            "target": None if self.target is None else self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "samples_in_epoch": self.samples_in_epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+            "queue": self.queue,
+            "queue_len": self.queue_len,
+            "queue_ptr": self.queue_ptr,
+            "extra": self.extra,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``; the next ``train_step`` is bit-identical to the uninterrupted run."""
+        for key, expected in (("steps_per_epoch", self.steps_per_epoch), ("total_steps", self.total_steps)):
+            if state[key] != expected:
+                raise ValueError(
+                    f"checkpoint {key} is {state[key]}, this run's is {expected}: the data or schedule "
+                    f"changed, so the run cannot resume exactly"
+                )
+        if (state["target"] is None) != (self.target is None):
+            raise ValueError(
+                f"checkpoint target network is {'absent' if state['target'] is None else 'an EMA'}, "
+                f"this run's objective.target is {self.objective.target!r}"
+            )
+        self.online.load_state_dict(state["model"])
+        if self.target is not None:
+            self.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        self.samples_seen = state["samples_seen"]
+        self.samples_in_epoch = state["samples_in_epoch"]
+        self.queue = None if state["queue"] is None else state["queue"].to(self.device, copy=True)
+        self.queue_len = state["queue_len"]
+        self.queue_ptr = state["queue_ptr"]
+        self.extra = dict(state["extra"])
+        set_rng_state(state["rng"])
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a step or a data pipeline in this process may draw from."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def build_train_state(
+    model_cfg: ModelConfig,
+    objective_cfg: ObjectiveConfig,
+    optim_cfg: OptimConfig,
+    schedule_cfg: ScheduleConfig,
+    *,
+    steps_per_epoch: int,
+    global_batch: int,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+) -> TrainState:
+    """A fresh state: online network, EMA target (if ``objective_cfg.target == "ema"``), optimiser and
+    the per-step schedules for ``schedule_cfg.epochs * steps_per_epoch`` steps.
+
+    ``global_batch`` is the batch summed over all ranks (for the learning-rate scaling). ``seed``, if
+    given, seeds torch before the weights are initialised (every rank must build identical weights).
+    SyncBatchNorm conversion (``model_cfg.sync_batchnorm``) happens here, before the optimiser sees
+    the parameters; wrap ``state.model`` in DDP afterwards.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    device = torch.device(device)
+    model: nn.Module = build_model(model_cfg)
+    if model_cfg.sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    target = EMATarget(model) if objective_cfg.target == "ema" else None
+    lrs = lr_schedule(optim_cfg, schedule_cfg, steps_per_epoch=steps_per_epoch, global_batch=global_batch)
+    return TrainState(
+        model=model,
+        target=target,
+        optimizer=build_optimizer(model, optim_cfg, global_batch),
+        objective=objective_cfg,
+        lr_schedule=lrs,
+        momentum_schedule=momentum_schedule(
+            objective_cfg.base_momentum, objective_cfg.final_momentum, lrs.shape[0]
+        ),
+        steps_per_epoch=steps_per_epoch,
+        device=device,
+        bf16=model_cfg.bf16,
+        grad_clip=optim_cfg.grad_clip,
+    )
+
+
+def num_large_views(batch: Any) -> int:
+    """``batch.num_large`` if present, else the number of leading views shaped like the first."""
+    declared = getattr(batch, "num_large", None)
+    if declared is not None:
+        return int(declared)
+    shape = batch.views[0].shape
+    count = 1
+    while count < len(batch.views) and batch.views[count].shape == shape:
+        count += 1
+    return count
+
+
+def relic_objective(
+    state: TrainState, online: list[torch.Tensor], target: list[torch.Tensor]
+) -> tuple[LossTerms, torch.Tensor]:
+    """Gather the targets from every rank, extend them by the queue and apply ``relic_loss``.
+
+    Returns the loss terms and the gathered targets [Vt, B * world, D] (detached, for the queue).
+    With the online network as target the gather carries gradient (``gather_with_grad``).
+    """
+    cfg = state.objective
+    local = torch.stack(target, dim=1)  # [B, Vt, D]: one collective for all target views
+    gathered = distributed.gather(local) if state.target is not None else distributed.gather_with_grad(local)
+    contrast = list(gathered.unbind(1))
+    if state.queue is not None and state.queue_len:
+        contrast = [torch.cat([c, state.queue[t, : state.queue_len]]) for t, c in enumerate(contrast)]
+    terms = relic_loss(
+        online,
+        contrast,
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        offset=distributed.rank() * online[0].shape[0],
+        kl_stop_grad=cfg.kl_stop_grad,
+    )
+    return terms, gathered.detach().transpose(0, 1)
+
+
+def enqueue(state: TrainState, gathered: torch.Tensor) -> None:
+    """Write [Vt, N, D] into the FIFO ring buffer, overwriting the oldest rows."""
+    size = state.objective.queue_size
+    if size == 0:
+        return
+    if state.queue is None:
+        views, _, dim = gathered.shape
+        state.queue = torch.zeros(views, size, dim, dtype=torch.float32, device=gathered.device)
+    gathered = gathered[:, -size:]
+    rows = (state.queue_ptr + torch.arange(gathered.shape[1], device=gathered.device)) % size
+    state.queue.index_copy_(1, rows, gathered.to(state.queue.dtype))
+    state.queue_len = min(size, state.queue_len + gathered.shape[1])
+    state.queue_ptr = (state.queue_ptr + gathered.shape[1]) % size
+
+
+def train_step(state: TrainState, batch: Any, *, objective: Objective | None = None) -> dict[str, float]:
+    """Forward every view, ReLIC loss, backward, optimiser step, EMA update, queue update.
+
+    Returns floats averaged over ranks: ``loss`` (= ``total``), ``contrastive``, ``invariance``, and the
+    step's ``lr`` and EMA ``momentum`` (0.0 when the target is the online network). Raises
+    ``NonFiniteLossError`` naming the step and the term when a loss term is NaN or infinite (on every
+    rank together, before any weight changes). ``objective`` replaces the ReLIC objective (gather,
+    queue, loss and EMA update) by a plain function of (online, local target) projections: for
+    baselines and benchmarks.
+    """
+    if state.step >= state.total_steps:
+        raise RuntimeError(
+            f"step {state.step} is past the end of the schedule ({state.total_steps} steps = "
+            f"epochs x {state.steps_per_epoch} steps per epoch)"
+        )
+    views: Sequence[torch.Tensor] = [v.to(state.device, non_blocking=True) for v in batch.views]
+    large = num_large_views(batch)
+    state.model.train()
+    autocast = torch.autocast(
+        "cuda", dtype=torch.bfloat16, enabled=state.bf16 and state.device.type == "cuda"
+    )
+    with autocast:
+        online = state.model(views)
+        if state.target is None:
+            target = online[:large]
+        else:
+            state.target.train()
+            target = state.target(views[:large])
+    online = [o.float() for o in online]
+    target = [t.float() for t in target]
+
+    if objective is None:
+        terms, gathered = relic_objective(state, online, target)
+    else:
+        terms, gathered = objective(online, target), None
+    values = distributed.all_reduce_mean(torch.stack([t.detach() for t in terms])).tolist()
+    metrics = dict(zip(LossTerms._fields, values))
+    for name in ("contrastive", "invariance", "total"):
+        if not np.isfinite(metrics[name]):
+            raise NonFiniteLossError(
+                f"non-finite {name} loss ({metrics[name]}) at step {state.step} (epoch {state.epoch}, "
+                f"batch {state.batch_in_epoch}); check the input batch and lower the learning rate"
+            )
+
+    lr = float(state.lr_schedule[state.step])
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    state.optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    if state.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(state.online.parameters(), state.grad_clip)
+    state.optimizer.step()
+
+    momentum = 0.0
+    if objective is None:
+        if state.target is not None:
+            momentum = float(state.momentum_schedule[state.step])
+            state.target.update(state.online, momentum)
+        enqueue(state, gathered)
+
+    global_batch = views[0].shape[0] * distributed.world_size()
+    if state.batch_in_epoch == 0:
+        state.samples_in_epoch = 0
+    state.step += 1
+    state.samples_seen += global_batch
+    state.samples_in_epoch += global_batch
+    return {"loss": metrics["total"], **metrics, "lr": lr, "momentum": momentum}
