@@ -114,7 +114,9 @@ class DigitsReader(Reader):
     def __call__(self, ref: str | int) -> Image.Image:
         images, _ = load_digits_arrays()
         gray = Image.fromarray(np.round(images[int(ref)] * (255.0 / 16.0)).astype(np.uint8), mode="L")
-        return gray.resize((self.size, self.size), Image.Resampling.BICUBIC).convert("RGB")
+        rgb = gray.resize((self.size, self.size), Image.Resampling.BICUBIC).convert("RGB")
+        rgb.info["original_size"] = (8, 8)
+        return rgb
 
 
 @dataclass
@@ -337,7 +339,10 @@ def photo_crop(i: int) -> Image.Image:
         crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     side = int(rng.integers(PHOTOS_SIDE[0], PHOTOS_SIDE[1] + 1))
     scale = side / max(cw, ch)
-    return crop.resize((max(1, round(cw * scale)), max(1, round(ch * scale))), Image.Resampling.BICUBIC)
+    size = (max(1, round(cw * scale)), max(1, round(ch * scale)))
+    return crop.resize(
+        size, Image.Resampling.BICUBIC, reducing_gap=2.0
+    )  # reducing_gap: box pre-shrink, 5x faster
 
 
 def _photos_source(spec: str, count: int) -> Source:

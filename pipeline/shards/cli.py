@@ -1,0 +1,235 @@
+"""``relic shards build|index|verify|inspect``: the shard utility's command line.
+
+    relic shards build ~/data/imagenet/train s3://bucket/imagenet/train --workers 16 --max-side 512 --index
+    relic shards build builtin:digits?split=train runs/digits/train --max-samples 256 --index
+    relic shards index 's3://bucket/laion/{000000..000099}.tar' --idx
+    relic shards verify s3://bucket/imagenet/train --decode
+    relic shards inspect runs/digits/train
+
+S3 (and other fsspec URLs): ``--endpoint-url`` (or RELIC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL) selects an
+S3-compatible endpoint, ``--profile`` an AWS profile; credentials come from the usual environment,
+profile or instance role and are never printed nor written into the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+
+from pipeline import storage
+
+SOURCE_HELP = """\
+SOURCE is one of:
+  DIR                    ImageFolder tree (class = sub-folder name, sorted); a folder without
+                         sub-folders is one unlabelled set. Local path or fsspec URL (s3://...).
+  LIST.csv | LIST.tsv    list with a header row: path[,label]; relative paths are resolved against
+                         the list's folder; integer labels are class indices, others class names.
+  builtin:digits[?split=train|val|test|all][&size=32]
+                         scikit-learn's 1,797 8x8 digits, bicubic-upscaled to size x size RGB,
+                         labelled 0..9. split: stratified 70/10/20 train/val/test with a fixed seed
+                         (independent of --seed), so splits never overlap and never change.
+  builtin:photos[?count=N]
+                         N crops (longer side 375..500 px) of the photographs bundled with
+                         scikit-image; unlabelled; for throughput tests (default N=2000).
+
+Inputs that are already RGB baseline JPEGs within --max-side are stored byte for byte; everything
+else (PNG, WebP, grayscale, CMYK, palette, alpha, progressive JPEG) becomes an RGB baseline JPEG at
+--quality (baseline: the GPU hardware JPEG decoder takes no progressive files). Bad inputs are listed
+in the manifest with their reason. Re-running an interrupted build resumes it.
+"""
+
+
+def parse_size(text: str) -> int:
+    """``"512MB"`` -> 512_000_000; plain integers are bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1000000, 512MB, 1GiB)")
+    unit = (m.group(2) or "").rstrip("b")
+    factor = {
+        "": 1,
+        "k": 1e3,
+        "m": 1e6,
+        "g": 1e9,
+        "t": 1e12,
+        "ki": 2**10,
+        "mi": 2**20,
+        "gi": 2**30,
+        "ti": 2**40,
+    }
+    return int(float(m.group(1)) * factor[unit])
+
+
+def _storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--endpoint-url", help="S3-compatible endpoint (default: RELIC_S3_ENDPOINT_URL/AWS_ENDPOINT_URL)"
+    )
+    p.add_argument("--profile", help="AWS profile for s3:// URLs (credentials never leave s3fs)")
+
+
+def _progress_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--progress", dest="progress", action="store_true", default=None, help="always show a progress bar"
+    )
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="never show a progress bar")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="shards_command", metavar="{build,index,verify,inspect}", required=True)
+
+    b = sub.add_parser(
+        "build",
+        help="build WebDataset shards from a folder, a list or a built-in set",
+        description=__doc__.split("\n\n")[0],
+        epilog=SOURCE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    b.add_argument("source", metavar="SOURCE", help="folder, CSV/TSV list, builtin:digits or builtin:photos")
+    b.add_argument(
+        "out", metavar="OUT", help="output directory: local path or fsspec URL (s3://bucket/prefix)"
+    )
+    b.add_argument("--max-samples", type=int, default=10000, help="samples per shard at most (default 10000)")
+    b.add_argument("--max-bytes", type=parse_size, default=None, help="bytes per shard at most, e.g. 1GB")
+    b.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the input shuffle (default 0)")
+    b.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is at most this")
+    b.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
+    b.add_argument("--index", action="store_true", help="also write DALI .idx files beside the shards")
+    b.add_argument("--prefix", default="shard", help="shard file prefix: PREFIX-000000.tar (default shard)")
+    b.add_argument(
+        "--split", choices=["train", "val", "test", "all"], help="builtin:digits split (or ?split=)"
+    )
+    b.add_argument("--digits-size", type=int, default=32, help="builtin:digits side in pixels (default 32)")
+    b.add_argument("--photos-count", type=int, default=None, help="builtin:photos crops (default 2000)")
+    _storage_args(b)
+    _progress_args(b)
+
+    i = sub.add_parser("index", help="write our manifest (and .idx files) for shards made elsewhere")
+    i.add_argument(
+        "url",
+        metavar="URL",
+        help="brace pattern ('s3://b/train-{000000..000099}.tar'), list file, directory or .tar",
+    )
+    i.add_argument("--out", help="directory for manifest.json (default: the shards' directory)")
+    i.add_argument("--idx", action="store_true", help="also write DALI .idx files beside the shards")
+    i.add_argument(
+        "--label-key", help="JSON field holding the class index (default: .cls, else label/cls/class/target)"
+    )
+    i.add_argument("--workers", type=int, default=4, help="shards scanned in parallel (default 4)")
+    _storage_args(i)
+    _progress_args(i)
+
+    v = sub.add_parser("verify", help="check shards against their manifest; non-zero exit on any mismatch")
+    v.add_argument("out", metavar="OUT", help="shard directory or manifest URL")
+    v.add_argument("--decode", action="store_true", help="also decode every image")
+    v.add_argument("--workers", type=int, default=4, help="shards checked in parallel (default 4)")
+    _storage_args(v)
+
+    n = sub.add_parser("inspect", help="summary: shards, samples, classes, sizes, first keys")
+    n.add_argument("out", metavar="OUT", help="shard directory or manifest URL")
+    n.add_argument("--keys", type=int, default=5, help="how many first keys to show (default 5)")
+    _storage_args(n)
+
+
+def _options(url: str, args: argparse.Namespace) -> dict:
+    return storage.storage_options(url, endpoint_url=args.endpoint_url, profile=args.profile)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.shards.build import BuildError
+    from pipeline.shards.index import ShardIndexError
+    from pipeline.shards.sources import SourceError
+
+    try:
+        return {"build": _build, "index": _index, "verify": _verify, "inspect": _inspect}[
+            args.shards_command
+        ](args)
+    except (SourceError, BuildError, ShardIndexError, FileNotFoundError, ValueError) as e:
+        print(f"relic shards {args.shards_command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _build(args: argparse.Namespace) -> int:
+    from pipeline.shards.build import build_shards
+
+    start = time.perf_counter()
+    m = build_shards(
+        args.source,
+        args.out,
+        max_samples=args.max_samples,
+        max_bytes=args.max_bytes,
+        workers=args.workers,
+        seed=args.seed,
+        max_side=args.max_side,
+        quality=args.quality,
+        index=args.index,
+        prefix=args.prefix,
+        storage_options=_options(args.out, args),
+        progress=args.progress,
+        digits_size=args.digits_size,
+        photos_count=args.photos_count,
+        split=args.split,
+    )
+    seconds = time.perf_counter() - start
+    print(
+        f"wrote {m.total_samples:,} samples in {len(m.shards):,} shards ({m.total_bytes / 1e6:,.1f} MB) to "
+        f"{m.url} in {seconds:.1f} s ({m.total_samples / max(seconds, 1e-9):,.0f} samples/s); "
+        f"{m.encoding.get('passthrough', 0):,} stored as-is, {m.encoding.get('reencoded', 0):,} re-encoded"
+    )
+    print(f"rejected {len(m.rejected):,} inputs" + (" (reasons in manifest.json):" if m.rejected else ""))
+    for r in m.rejected[:10]:
+        print(f"  {r.input}: {r.reason}")
+    if len(m.rejected) > 10:
+        print(f"  ... and {len(m.rejected) - 10:,} more")
+    return 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    from pipeline.shards.index import index_shards
+
+    m = index_shards(
+        args.url,
+        args.out,
+        write_idx=args.idx,
+        workers=args.workers,
+        label_key=args.label_key,
+        storage_options=_options(args.url, args),
+        progress=args.progress,
+    )
+    label = (
+        f".{m.label_ext}" + (f" field {m.label_key!r}" if m.label_key else "") if m.label_ext else "no labels"
+    )
+    print(
+        f"indexed {len(m.shards):,} shards, {m.total_samples:,} samples ({m.total_bytes / 1e6:,.1f} MB): "
+        f"images .{m.image_ext}, {label}; wrote {m.url}" + (" and .idx files" if args.idx else "")
+    )
+    if m.rejected:
+        print(f"{len(m.rejected):,} samples have no image member (listed in the manifest)")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pipeline.shards.verify import verify_shards
+
+    problems = verify_shards(
+        args.out, decode=args.decode, storage_options=_options(args.out, args), workers=args.workers
+    )
+    for p in problems:
+        print(p, file=sys.stderr)
+    if problems:
+        print(f"FAILED: {len(problems)} problem(s) in {args.out}", file=sys.stderr)
+        return 1
+    print(
+        f"OK: every shard of {args.out} matches its manifest"
+        + (" and every image decodes" if args.decode else "")
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from pipeline.shards.inspect import inspect_shards
+
+    print(inspect_shards(args.out, storage_options=_options(args.out, args), keys=args.keys))
+    return 0

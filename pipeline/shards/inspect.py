@@ -1,0 +1,82 @@
+"""``relic shards inspect``: a summary of a shard set (shards, samples, classes, sizes, first keys)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from pipeline import storage
+from pipeline.shards import dali_index
+from pipeline.shards.manifest import Manifest, load_manifest
+
+
+def first_keys(manifest: Manifest, n: int = 5, options: dict[str, Any] | None = None) -> list[str]:
+    """The first ``n`` sample keys of the first shard, read by streaming its tar headers."""
+    if not manifest.shards or n <= 0:
+        return []
+    keys: list[str] = []
+    with storage.open_url(manifest.shard_url(0), "rb", options) as f:
+        for group in dali_index.group_samples(dali_index.scan_tar(f)):
+            keys.append(dali_index.split_name(group[0].name)[0])
+            if len(keys) >= n:
+                break
+    return keys
+
+
+def summary(manifest: Manifest) -> dict[str, Any]:
+    """The figures ``inspect`` prints, as a dict (for scripts and tests)."""
+    sizes = [s.bytes for s in manifest.shards]
+    counts = [s.samples for s in manifest.shards]
+    return {
+        "shards": len(manifest.shards),
+        "samples": manifest.total_samples,
+        "bytes": manifest.total_bytes,
+        "image_ext": manifest.image_ext,
+        "label_ext": manifest.label_ext,
+        "classes": len(manifest.classes) if manifest.classes else 0,
+        "class_counts": dict(manifest.class_counts or {}),
+        "samples_per_shard": {"min": min(counts), "median": statistics.median(counts), "max": max(counts)},
+        "shard_mb": {
+            "min": min(sizes) / 1e6,
+            "median": statistics.median(sizes) / 1e6,
+            "max": max(sizes) / 1e6,
+        },
+        "indexed": all(s.index for s in manifest.shards),
+        "rejected": len(manifest.rejected),
+    }
+
+
+def inspect_shards(url: str, *, storage_options: dict[str, Any] | None = None, keys: int = 5) -> str:
+    """A human-readable summary table of the shard set at ``url`` (directory or manifest URL)."""
+    options = dict(storage_options) if storage_options is not None else storage.storage_options(url)
+    m = load_manifest(url, options)
+    s = summary(m)
+    rows = [
+        ("manifest", m.url or url),
+        ("source", m.source),
+        ("shards", f"{s['shards']:,}" + ("  (DALI .idx for every shard)" if s["indexed"] else "")),
+        ("samples", f"{s['samples']:,}"),
+        ("total size", f"{s['bytes'] / 1e6:,.1f} MB"),
+        ("samples/shard", "min {min:,}  median {median:,.0f}  max {max:,}".format(**s["samples_per_shard"])),
+        ("shard size", "min {min:,.2f}  median {median:,.2f}  max {max:,.2f} MB".format(**s["shard_mb"])),
+        ("image member", f".{m.image_ext}"),
+        (
+            "label",
+            f".{m.label_ext}" + (f" field {m.label_key!r}" if m.label_key else "") if m.label_ext else "none",
+        ),
+        ("rejected inputs", f"{s['rejected']:,}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
+    if m.classes:
+        lines.append(f"\nclasses ({len(m.classes)}):")
+        cw = max(len(c) for c in m.classes)
+        total = max(1, m.total_samples)
+        for c in m.classes:
+            n = (m.class_counts or {}).get(c, 0)
+            lines.append(f"  {c.ljust(cw)}  {n:>9,}  {100 * n / total:5.1f}%")
+    if m.rejected:
+        lines.append("\nfirst rejected inputs:")
+        lines.extend(f"  {r.input}: {r.reason}" for r in m.rejected[:5])
+    lines.append("\nfirst keys: " + ", ".join(first_keys(m, keys, options)))
+    return "\n".join(lines)
