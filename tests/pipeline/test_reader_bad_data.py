@@ -1,0 +1,285 @@
+"""Bad data never stops the stream and is never silent; what the reader hands out DALI can decode.
+
+One shard set holds every kind of defect next to good samples. The tests check the exact counters,
+that every good sample (and only those) arrives once per epoch, that resume still matches, and — the
+point of validation — that DALI's CPU decoder takes every image handed out while it raises on the
+rejected ones.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_reader import encode, epoch_batches, keys_of, make_shard_set, sample_members
+from webdataset.tariterators import tar_file_iterator
+
+from pipeline.reader import SKIP_REASONS, ShardReader, image_problem, sniff_format, tar_members
+
+
+def png_bytes(index: int) -> bytes:
+    return encode(index, "PNG")
+
+
+def jpeg_without_eoi(index: int) -> bytes:
+    return encode(index)[:-2]
+
+
+def jpeg_bad_marker(index: int) -> bytes:
+    data = bytearray(encode(index))
+    data[data.index(b"\xff\xdb") + 1] = 0xA0  # DQT marker -> an invalid marker code
+    return bytes(data)
+
+
+def jpeg_lossless_sof(index: int) -> bytes:
+    data = bytearray(encode(index))
+    data[data.index(b"\xff\xc0") + 1] = 0xC3  # baseline frame header -> lossless
+    return bytes(data)
+
+
+def jpeg_corrupt_entropy(index: int) -> bytes:
+    """Scan data overwritten: decoders warn and produce garbage pixels, they do not fail."""
+    data = bytearray(encode(index, size=(128, 128)))
+    scan = data.index(b"\xff\xda") + 40
+    data[scan : scan + 300] = bytes(300)
+    return bytes(data)
+
+
+def replace_image(members, image: bytes | None):
+    out = [(n, d) for n, d in members if not n.endswith(".jpg")]
+    return out if image is None else [(members[0][0], image), *out]
+
+
+# (shard, sample index) -> defect; the reason each one must be counted under
+DEFECTS = {
+    2: ("corrupt_image", lambda i: encode(i)[: len(encode(i)) // 2]),
+    4: ("corrupt_image", lambda i: np.random.default_rng(i).bytes(3000)),
+    5: ("wrong_format", png_bytes),
+    7: ("empty_image", lambda i: b""),
+    8: ("missing_image", None),
+    51: ("corrupt_image", jpeg_without_eoi),
+    52: ("corrupt_image", jpeg_bad_marker),
+    53: ("unsupported_image", jpeg_lossless_sof),
+}
+GOOD_ODDITIES = {54: jpeg_corrupt_entropy}  # passes validation, DALI decodes it
+BAD_LABEL = 55
+
+
+def build_bad_set(root: Path) -> tuple[str, set[str], dict[str, int]]:
+    """Shards: 0 defects; 1 truncated inside sample 16's image; 2 missing; 3 not a tar; 4 good; 5 defects.
+
+    Returns the manifest URL, the keys that must be delivered, and the expected skip counters.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+
+    def members(i):
+        m = sample_members(i)
+        if i in DEFECTS:
+            make = DEFECTS[i][1]
+            m = replace_image(m, None if make is None else make(i))
+        if i in GOOD_ODDITIES:
+            m = replace_image(m, GOOD_ODDITIES[i](i))
+        if i == BAD_LABEL:
+            m = [(n, b"not-a-number" if n.endswith(".cls") else d) for n, d in m]
+        return m
+
+    shard_ranges = [range(0, 10), range(10, 20), range(20, 30), range(30, 35), range(35, 45), range(50, 56)]
+    shards = [[x for i in r for x in members(i)] for r in shard_ranges]
+    url = make_shard_set(root, shards, [len(r) for r in shard_ranges])
+    # Shard 1: cut in the middle of sample 16's image data.
+    path1 = root / "shard-000001.tar"
+    with tarfile.open(path1) as tar:
+        cut = tar.getmember(f"{16:09d}.jpg").offset_data + 100
+    path1.write_bytes(path1.read_bytes()[:cut])
+    (root / "shard-000002.tar").unlink()
+    (root / "shard-000003.tar").write_bytes(np.random.default_rng(0).bytes(5000))
+    good = {f"{i:09d}" for r in (range(0, 10), range(10, 16), range(35, 45), range(50, 56)) for i in r}
+    good -= {f"{i:09d}" for i in DEFECTS}
+    expected = dict.fromkeys(SKIP_REASONS, 0)
+    for reason, _ in DEFECTS.values():
+        expected[reason] += 1
+    expected["truncated_tar"] = 4  # samples 16..19
+    expected["unreadable_shard"] = 10 + 5
+    return url, good, expected
+
+
+@pytest.fixture(scope="module")
+def bad_set(tmp_path_factory):
+    return build_bad_set(tmp_path_factory.mktemp("bad"))
+
+
+def reader_for(url, **kw) -> ShardReader:
+    # 51 samples in the manifest: one rank, batch 17 -> every planned sample is read each epoch.
+    return ShardReader(url, batch_size=17, shuffle_buffer=8, retry_delay=0.01, max_open_retries=2, **kw)
+
+
+def test_every_good_sample_once_and_exact_counts(bad_set, caplog):
+    url, good, expected = bad_set
+    reader = reader_for(url)
+    with caplog.at_level(logging.INFO, logger="pipeline.reader"):
+        batches = epoch_batches(reader, 0)
+    assert len(batches) == reader.batches_per_epoch == 3
+    assert all(len(b.images) == 17 and b.labels.shape == (17,) for b in batches)
+    keys = keys_of(batches)
+    assert set(keys) == good
+    stats = reader.stats
+    assert {r: stats[r] for r in SKIP_REASONS} == expected
+    skipped = sum(expected.values())
+    assert stats["filled"] == skipped == 51 - len(good)
+    assert stats["samples"] == len(good)
+    assert stats["bad_label"] == 1
+    # Fills are duplicates of good samples of the same batch, nothing else repeats.
+    assert sum(len(b.keys) - len(set(b.keys)) for b in batches) == skipped == len(keys) - len(set(keys))
+    for b in batches:
+        for key, label in zip(b.keys, b.labels.tolist()):
+            assert label == (-1 if int(key) == BAD_LABEL else int(key) % 10)
+
+    # Each kind logged with its shard and key, once; the missing shard was retried twice first.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for reason in SKIP_REASONS:
+        assert any(f"skipping {reason}" in m for m in warnings), reason
+    assert any("shard-000000.tar key 000000004" in m for m in warnings)
+    assert any("shard-000002.tar" in m and "unreadable_shard" in m for m in warnings)
+    assert sum("retrying" in r.getMessage() and "shard-000002" in r.getMessage() for r in caplog.records) == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.reader"):
+        second = epoch_batches(reader, 1)
+    assert set(keys_of(second)) == good
+    assert not [r for r in caplog.records if "corrupt_image" in r.getMessage()]  # already logged
+    assert reader.stats["corrupt_image"] == 2 * expected["corrupt_image"]  # counted again
+
+
+def test_resume_with_bad_data_matches(bad_set):
+    url, _, _ = bad_set
+    reader = reader_for(url)
+    full = epoch_batches(reader, 4)
+    for start in (1, 2):
+        assert [b.keys for b in epoch_batches(reader, 4, start)] == [b.keys for b in full[start:]]
+
+
+def test_two_ranks_with_bad_data_keep_equal_batches(bad_set):
+    url, good, _ = bad_set
+    per_rank = [
+        keys_of(epoch_batches(ShardReader(url, batch_size=5, rank=r, world_size=2, retry_delay=0.01), 0))
+        for r in range(2)
+    ]
+    assert len(per_rank[0]) == len(per_rank[1]) == 25
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert set(per_rank[0]) | set(per_rank[1]) <= good
+
+
+def test_all_shards_unreadable_is_an_error_not_a_hang(tmp_path):
+    url = make_shard_set(tmp_path, [[]], [8])
+    (tmp_path / "shard-000000.tar").unlink()
+    reader = ShardReader(url, batch_size=4, retry_delay=0.0, max_open_retries=1)
+    with pytest.raises(RuntimeError, match="no readable sample"):
+        list(reader.epoch(0))
+    assert reader.stats["unreadable_shard"] == 8
+
+
+def test_dali_decodes_everything_handed_out_and_raises_on_the_rejected(bad_set):
+    """The reason for validation: DALI's decoder raises on these bytes, and not on what we hand out."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    url, _, _ = bad_set
+    batches = epoch_batches(reader_for(url), 0)
+
+    def decode(images: list[bytes]) -> list[tuple[int, ...]]:
+        @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, prefetch_queue_depth=1)
+        def pipe():
+            data = fn.external_source(
+                source=lambda: [np.frombuffer(x, np.uint8) for x in images], batch=True, dtype=types.UINT8
+            )
+            return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+
+        p = pipe()
+        p.build()
+        (out,) = p.run()
+        return [tuple(out[i].shape()) for i in range(len(images))]
+
+    for b in batches:
+        assert all(len(s) == 3 and s[2] == 3 for s in decode(b.images))
+    rejected = [
+        make(i) for i, (reason, make) in DEFECTS.items() if make is not None and reason != "wrong_format"
+    ]
+    for data in rejected:
+        with pytest.raises(RuntimeError):
+            decode([data])
+    assert decode([jpeg_corrupt_entropy(54)])  # accepted by validation, and DALI agrees
+
+
+def test_image_problem_formats_and_decode_mode():
+    assert image_problem(encode(1)) is None
+    assert image_problem(png_bytes(1), "png") is None
+    assert image_problem(encode(1, "WEBP"), "webp") is None
+    assert image_problem(encode(1), "png")[0] == "wrong_format"
+    assert image_problem(encode(1, "WEBP"), "jpg")[0] == "wrong_format"
+    assert image_problem(png_bytes(1)[:-20], "png")[0] == "corrupt_image"
+    webp = encode(1, "WEBP")
+    assert image_problem(webp[: len(webp) // 2], "webp")[0] == "corrupt_image"
+    assert image_problem(b"", "jpg")[0] == "empty_image"
+    assert image_problem(b"junk", "jpg", validate=False) is None
+    assert image_problem(jpeg_corrupt_entropy(2), "jpg", validate="decode") is None
+    assert sniff_format(b"RIFF\0\0\0\0WAVE") is None
+    # Every strict prefix of a JPEG is rejected by the cheap check (truncation anywhere).
+    jpeg = encode(3)
+    assert all(image_problem(jpeg[:n]) is not None for n in range(0, len(jpeg) - 1, 7))
+
+
+def test_tar_members_matches_webdataset_on_long_names_pax_and_meta(tmp_path):
+    path = tmp_path / "odd.tar"
+    long_dir = "d" * 120
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in [
+            (f"{long_dir}/a.jpg", b"x" * 700),
+            (f"{long_dir}/a.cls", b"1"),
+            ("__meta__", b"m"),
+            ("b.jpg", b"y" * 512),
+            ("b.cls", b""),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        d = tarfile.TarInfo("subdir")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+    pax = tmp_path / "pax.tar"
+    with tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("ünïcode/ç.jpg", "p" * 200 + ".cls"):
+            info = tarfile.TarInfo(name)
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    for p in (path, pax):
+        with open(p, "rb") as f:
+            ours = list(tar_members(f))
+        with open(p, "rb") as f:
+            theirs = [(m["fname"], m["data"]) for m in tar_file_iterator(f)]
+        assert ours == theirs and ours
+    with open(path, "rb") as f:
+        assert [n for n, _ in tar_members(f, lambda n: n.endswith(".cls"))] == [f"{long_dir}/a.cls", "b.cls"]
+
+
+def test_gzipped_shard_reads_through_webdataset(tmp_path):
+    members = [m for i in range(6) for m in sample_members(i)]
+    url = make_shard_set(tmp_path, [members], [6])
+    path = tmp_path / "shard-000000.tar"
+    path.write_bytes(gzip.compress(path.read_bytes()))
+    batches = epoch_batches(ShardReader(url, batch_size=3, shuffle_buffer=1), 0)
+    assert keys_of(batches) == [f"{i:09d}" for i in range(6)]
+
+
+def test_sample_without_label_member_is_kept_with_minus_one(tmp_path):
+    members = [m for i in range(3) for m in sample_members(i, label_ext="json")]
+    url = make_shard_set(tmp_path, [members[:5]], [3], label_ext="json")  # 2.json left out
+    reader = ShardReader(url, batch_size=3, shuffle_buffer=1)
+    (batch,) = epoch_batches(reader, 0)
+    assert batch.keys == [f"{i:09d}" for i in range(3)]
+    assert batch.labels.tolist() == [0, 1, -1]
+    assert reader.stats["bad_label"] == 1
+    assert json.loads(members[1][1])["label"] == 0
