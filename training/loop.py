@@ -168,19 +168,24 @@ def build_train_state(
     global_batch: int,
     device: str | torch.device = "cpu",
     seed: int | None = None,
+    model: nn.Module | None = None,
 ) -> TrainState:
     """A fresh state: online network, EMA target (if ``objective_cfg.target == "ema"``), optimiser and
     the per-step schedules for ``schedule_cfg.epochs * steps_per_epoch`` steps.
 
     ``global_batch`` is the batch summed over all ranks (for the learning-rate scaling). ``seed``, if
     given, seeds torch before the weights are initialised (every rank must build identical weights).
+    ``model`` replaces the network ``model_cfg`` describes (any module mapping a list of views to a
+    list of projections, e.g. a custom encoder in a ``ReLICModel``); the other ``model_cfg`` fields
+    still apply.
     SyncBatchNorm conversion (``model_cfg.sync_batchnorm``) happens here, before the optimiser sees
     the parameters; wrap ``state.model`` in DDP afterwards.
     """
     if seed is not None:
         torch.manual_seed(seed)
     device = torch.device(device)
-    model: nn.Module = build_model(model_cfg)
+    if model is None:
+        model = build_model(model_cfg)
     if model_cfg.sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -260,7 +265,8 @@ def train_step(state: TrainState, batch: Any, *, objective: Objective | None = N
     Returns floats averaged over ranks: ``loss`` (= ``total``), ``contrastive``, ``invariance``, and the
     step's ``lr`` and EMA ``momentum`` (0.0 when the target is the online network). Raises
     ``NonFiniteLossError`` naming the step and the term when a loss term is NaN or infinite (on every
-    rank together, before any weight changes). ``objective`` replaces the ReLIC objective (gather,
+    rank together, before any parameter changes; BatchNorm running statistics may already hold the
+    bad batch, so resume from a checkpoint). ``objective`` replaces the ReLIC objective (gather,
     queue, loss and EMA update) by a plain function of (online, local target) projections: for
     baselines and benchmarks.
     """

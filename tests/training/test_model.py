@@ -1,0 +1,89 @@
+"""Encoders, critic and EMA target."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from training.config import ARCHITECTURES, ModelConfig
+from training.model import EMATarget, Projector, build_encoder, build_model
+from training.optim import momentum_schedule
+
+FEATURE_DIMS = {
+    "resnet18": 512,
+    "resnet34": 512,
+    "resnet50": 2048,
+    "resnet101": 2048,
+    "resnet152": 2048,
+    "wide_resnet50_2": 2048,
+    "wide_resnet101_2": 2048,
+}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_architecture_keeps_torchvision_names(arch):
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost, nothing downloaded
+        encoder = build_encoder(arch)
+        reference = torchvision.models.get_model(arch, weights=None)
+    assert encoder.feature_dim == FEATURE_DIMS[arch]
+    ours = {k: v.shape for k, v in encoder.state_dict().items()}
+    theirs = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    assert ours == theirs
+
+
+def test_small_stem_keeps_resolution_for_32px_images():
+    encoder = build_encoder("resnet18", small_stem=True).eval()
+    assert encoder.conv1.kernel_size == (3, 3) and encoder.conv1.stride == (1, 1)
+    assert isinstance(encoder.maxpool, nn.Identity)
+    # 32x32 through the small stem reaches layer4 at 4x4 (the standard stem would leave 1x1).
+    feature_maps = {}
+
+    def record(module, inputs, output):
+        feature_maps["layer4"] = output.shape
+
+    encoder.layer4.register_forward_hook(record)
+    out = encoder(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 512) and feature_maps["layer4"][-2:] == (4, 4)
+
+
+def test_projector_is_byol_mlp():
+    layers = list(Projector(2048))
+    assert [type(layer) for layer in layers] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert (layers[0].in_features, layers[0].out_features, layers[3].out_features) == (2048, 4096, 256)
+
+
+def test_model_forward_equals_per_view_forward():
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(arch="resnet18", small_stem=True, projector_hidden_dim=32, projector_out_dim=8)
+    ).eval()  # eval mode: BatchNorm uses running statistics, so batching views together is exact
+    views = [torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16), torch.randn(3, 3, 8, 8)]
+    outputs = model(views)
+    assert [o.shape for o in outputs] == [(3, 8)] * 3
+    for view, out in zip(views, outputs):
+        torch.testing.assert_close(out, model.projector(model.encoder(view)), rtol=1e-5, atol=1e-5)
+
+
+def test_ema_update_moves_towards_online_and_copies_buffers():
+    online = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    target = EMATarget(online)
+    assert all(not p.requires_grad for p in target.parameters())
+    before = [p.clone() for p in target.network.parameters()]
+    with torch.no_grad():
+        for p in online.parameters():
+            p.add_(1.0)
+        online[1].running_mean.fill_(3.0)
+    target.update(online, momentum=0.9)
+    for old, new, theta in zip(before, target.network.parameters(), online.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * theta)
+    assert torch.equal(target.network[1].running_mean, online[1].running_mean)
+
+
+def test_momentum_schedule_hits_endpoints_and_increases():
+    m = momentum_schedule(0.996, 1.0, 101)
+    assert m.shape == (101,)
+    assert m[0].item() == pytest.approx(0.996, abs=1e-15) and m[-1].item() == 1.0
+    assert torch.all(m[1:] >= m[:-1])
+    assert m[50].item() == pytest.approx(0.998, abs=1e-12)  # half-way on the cosine
