@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import tarfile
@@ -66,8 +67,6 @@ def write_folder(root, classes=("cat", "dog"), bad=True) -> dict[str, bytes]:
 
 def read_tarfile(paths) -> list[tuple[str, bytes, int | None, dict]]:
     """(key, image bytes, label, json) per sample, in order, with the standard library."""
-    import json
-
     out = []
     for p in paths:
         with tarfile.open(p) as tar:
@@ -87,7 +86,9 @@ def read_webdataset(urls) -> list[tuple[str, bytes, int | None]]:
     return [(s["__key__"], s["jpg"], int(s["cls"]) if "cls" in s else None) for s in ds]
 
 
-def read_dali(tars, idxs, exts=("jpg", "cls"), batch_size=16) -> list[tuple[bytes, int | None]]:
+def read_dali(
+    tars, idxs, exts=("jpg", "cls"), batch_size=16, label_key=None
+) -> list[tuple[bytes, int | None]]:
     """Every sample through DALI's own fn.readers.webdataset (CPU only), with the given index files."""
     from nvidia.dali import fn, pipeline_def
 
@@ -114,7 +115,10 @@ def read_dali(tars, idxs, exts=("jpg", "cls"), batch_size=16) -> list[tuple[byte
             if len(got) == n:
                 break
             img = np.array(outs[0][i]).tobytes()
-            label = int(np.array(outs[1][i]).tobytes()) if len(outs) > 1 else None
+            label = None
+            if len(outs) > 1:
+                raw = np.array(outs[1][i]).tobytes()
+                label = json.loads(raw)[label_key] if label_key else int(raw)
             got.append((img, label))
     return got
 
