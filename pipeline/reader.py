@@ -776,6 +776,9 @@ class ShardReader:
                 yield int(o), None
             return
         state = {"ordinal": -1, "prefix": None}
+        first = int(ordinals[0])
+        if first > 0 and self._seek_to_sample(stream, shard, first):
+            state["ordinal"] = first - 1
 
         def select(fname: str) -> bool:
             prefix, suffix = base_plus_ext(fname)
@@ -836,6 +839,38 @@ class ShardReader:
             self._count("truncated_tar", name, f"samples #{truncated[0]}..", detail, len(truncated))
         for o in rest:
             yield o, None
+
+    def _seek_to_sample(self, stream, shard: int, ordinal: int) -> bool:
+        """Jump to sample ``ordinal`` using the shard's DALI ``.idx`` (byte offsets of every member), so
+        that a rank block or a resume starting deep in a shard transfers nothing before it. Falls back
+        to scanning (``False``) when there is no index, the stream cannot seek, or the header found
+        there is not the member the index names (an index out of date, or GNU/pax long names)."""
+        index = self.manifest.shards[shard].index
+        if not index or not _seekable(stream):
+            return False
+        idx_url = storage.join(storage.dirname(self.manifest.url), index)
+        try:
+            with storage.open_url(idx_url, "rb", self.storage_options) as f:
+                for line_number, line in enumerate(f):
+                    if line_number == ordinal + 1:  # line 0 is "v1.2 <samples>"
+                        _ext, data_offset, _size, member = line.split()[:4]
+                        break
+                else:
+                    return False
+            header_offset = int(data_offset) - _BLOCK
+            stream.seek(header_offset)
+            head = _read_exact(stream, _BLOCK)
+            stream.seek(header_offset)
+        except (OSError, ValueError) as e:
+            self._log_once(
+                "index_unusable", self.manifest.shards[shard].name, index, f"{type(e).__name__}: {e}"
+            )
+            stream.seek(0)
+            return False
+        if head[:100].split(b"\0", 1)[0] != member:
+            stream.seek(0)
+            return False
+        return True
 
     def _gaps(self, shard: int, delivered: int, upto: int, wanted: set[int]) -> Iterator[tuple[int, None]]:
         """Wanted ordinals between the last delivered one and ``upto`` had no selected member."""

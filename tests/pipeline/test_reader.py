@@ -323,3 +323,30 @@ def test_built_digits_shards_match_tarfile_reference(digits_shards):
                 seen.append(key)
         assert sum(reader.stats[r] for r in reader_mod.SKIP_REASONS) == 0
     assert len(seen) == len(set(seen)) == 2 * readers[0].samples_per_rank == 2 * (len(reference) // 64) * 32
+
+
+def test_dali_index_seek_skips_headers_and_changes_nothing(digits_shards, monkeypatch):
+    """Rank 1's block starts deep inside a shard: with the .idx the reader jumps there."""
+    kw = {"batch_size": 32, "rank": 1, "world_size": 2, "shuffle_buffer": 50}
+    with_index = ShardReader(digits_shards, **kw)
+    without_index = ShardReader(digits_shards, **kw)
+    for shard in without_index.manifest.shards:
+        shard.index = None
+    assert any(s.index for s in with_index.manifest.shards)
+    stale = ShardReader(digits_shards, **kw)
+    for shard in stale.manifest.shards:  # another shard's index: names differ, so it must be ignored
+        shard.index = with_index.manifest.shards[0].index
+    headers = Counter()
+    real_read = reader_mod._read_exact
+
+    def counting_read(stream, n):
+        headers[current] += n == 512
+        return real_read(stream, n)
+
+    monkeypatch.setattr(reader_mod, "_read_exact", counting_read)
+    for start in (0, 7):
+        results = {}
+        for current, reader in (("index", with_index), ("plain", without_index), ("stale", stale)):
+            results[current] = [(b.keys, b.images) for b in reader.epoch(2, start)]
+        assert results["index"] == results["plain"] == results["stale"]
+    assert headers["index"] < headers["plain"] - 100
