@@ -171,3 +171,21 @@ def test_a_crashing_check_becomes_a_fail_line(monkeypatch):
     monkeypatch.setattr(doctor, "check_driver", boom)
     checks = by_name(doctor.run_checks())
     assert checks["nvidia driver"].status == "FAIL" and "driver exploded" in checks["nvidia driver"].detail
+
+
+def test_gpu_benchmark_skips_without_cuda(monkeypatch, capsys, tmp_path):
+    """`python -m benchmarks.gpu` on a node without CUDA: exit 0, say why, write nothing."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delitem(sys.modules, "benchmarks.gpu", raising=False)
+    from benchmarks import gpu
+
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--quick", "--out", str(out)]) == 0
+    assert "gpu benchmark skipped: no CUDA device is visible" in capsys.readouterr().out
+    assert not out.exists()
