@@ -33,6 +33,8 @@ RAYJOB = REPO / "cluster" / "k8s" / "rayjob.yaml"
 RAYCLUSTER = REPO / "cluster" / "k8s" / "raycluster.yaml"
 LAUNCHER = REPO / "cluster" / "aws" / "cluster.yaml"
 COMPOSE = REPO / "docker" / "compose.yaml"
+DOCKER_README = REPO / "docker" / "README.md"
+DEPLOY_FILES = [*DOCKERFILES.values(), RAYJOB, RAYCLUSTER, LAUNCHER, COMPOSE, DOCKER_README]
 IMAGE_NAME = "relic-ssl"
 SECRET_WORDS = re.compile(r"(KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL)", re.I)
 
@@ -448,3 +450,36 @@ def test_compose_cluster_head_two_workers_and_object_store():
         assert all(p.startswith("127.0.0.1:") for p in svc["ports"]), "published on loopback only"
     # The bucket-creation snippet is valid Python.
     compile(services["create-bucket"]["command"][-1], "create-bucket", "exec")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands in the files' comments and docker/README.md
+
+
+def documented_train_commands():
+    """``(file, config, overrides)`` of every ``relic train configs/X.yaml k=v ...`` written in the
+    deployment files, comments and backslash-continued lines included."""
+    for path in DEPLOY_FILES:
+        lines = [re.sub(r"^\s*#\s?", "", ln) for ln in path.read_text().splitlines()]
+        text = re.sub(r"\\[ \t]*\n", " ", "\n".join(lines))
+        for m in re.finditer(r"relic train (configs/\w[\w.-]*\.yaml)((?:[ \t]+[\w.]+=[^\s`]+)*)", text):
+            yield path.name, m.group(1), m.group(2).split()
+
+
+def test_every_documented_config_path_exists():
+    for path in DEPLOY_FILES:
+        for config in re.findall(r"configs/[\w-]+\.yaml", path.read_text()):
+            assert (REPO / config).exists(), f"{path.name} names {config}, which is not in the repository"
+
+
+def test_every_documented_train_command_loads():
+    """Each documented command's config and overrides load with the real config loader."""
+    from cluster.config import load_config
+
+    commands = list(documented_train_commands())
+    assert len(commands) >= 6 and {c[0] for c in commands} >= {"README.md", "compose.yaml", "cluster.yaml"}
+    for name, config, overrides in commands:
+        try:
+            load_config(REPO / config, overrides)
+        except Exception as e:
+            pytest.fail(f"{name}: relic train {config} {' '.join(overrides)}: {e}")
