@@ -1,0 +1,147 @@
+"""The view recipes in torchvision (transforms v2) with a ``torch.utils.data.DataLoader``.
+
+This is what the DALI graph of :mod:`pipeline.augment` is measured against: the throughput baseline
+of ``benchmarks/pipeline.py`` and the statistical reference of ``tests/pipeline/test_reference.py``.
+It follows BYOL's published order (Grill et al. 2020, arXiv 2006.07733, Appendix B): random resized
+crop, flip, colour jitter (random order, with probability), grayscale, Gaussian blur, solarize,
+normalise. The blur kernel is ``2 * ceil(3 * sigma_max) + 1`` taps, DALI's default window at the
+largest sigma (BYOL uses 23 taps at 224 px; the Gaussian beyond 3 sigma is below 0.5 %).
+
+Reading: the shards listed in the manifest, streamed with the ``webdataset`` library, split across
+DataLoader workers by shard (``webdataset.split_by_worker``), images decoded by Pillow
+(libjpeg-turbo), as torchvision's own ImageNet recipes do (``torchvision.io``'s decoders are
+deprecated since 0.29).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+
+from pipeline.augment import ViewRecipe, ViewSpec
+
+
+def view_transform(spec: ViewSpec) -> v2.Compose:
+    """One view of ``spec`` as torchvision v2 transforms: RGB PIL image -> float32 ``[3, size, size]``.
+
+    The geometric and colour steps run on the PIL image (Pillow's C code, as in the usual torchvision
+    training scripts); blur and solarize on uint8 tensors, then scaling and normalisation."""
+    brightness, contrast, saturation, hue = spec.jitter
+    kernel = 2 * math.ceil(3 * spec.blur_sigma[1]) + 1
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(spec.size, scale=spec.scale, ratio=spec.ratio, antialias=True),
+            v2.RandomHorizontalFlip(p=spec.flip_p),
+            v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=spec.jitter_p),
+            v2.RandomGrayscale(p=spec.grayscale_p),
+            v2.PILToTensor(),
+            v2.RandomApply([v2.GaussianBlur(kernel, sigma=spec.blur_sigma)], p=spec.blur_p),
+            v2.RandomSolarize(threshold=128, p=spec.solarize_p),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(spec.mean), std=list(spec.std)),
+        ]
+    )
+
+
+class RecipeTransform:
+    """Encoded image bytes -> the list of view tensors of ``recipe`` (decode once)."""
+
+    def __init__(self, recipe: ViewRecipe) -> None:
+        self.recipe = recipe
+        self.transforms = [view_transform(s) for s in recipe.views]
+
+    def decode(self, data: bytes):
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+
+    def __call__(self, data: bytes) -> list[torch.Tensor]:
+        image = self.decode(data)
+        return [t(image) for t in self.transforms]
+
+
+def _label(value: bytes | None, label_ext: str | None, label_key: str | None) -> int:
+    if value is None or label_ext is None:
+        return -1
+    if label_ext == "json":
+        return int(json.loads(value)[label_key or "label"])
+    return int(value.decode().strip())
+
+
+class ShardViews(torch.utils.data.IterableDataset):
+    """(views, label) per sample of the manifest's shards, split across DataLoader workers by shard."""
+
+    def __init__(self, manifest_url: str, recipe: ViewRecipe, *, seed: int = 0, storage_options=None) -> None:
+        from pipeline.shards.manifest import load_manifest
+
+        super().__init__()
+        self.manifest = load_manifest(manifest_url, storage_options)
+        self.urls = [self.manifest.shard_url(i) for i in range(len(self.manifest.shards))]
+        self.recipe = recipe
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], int]]:
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        torch.manual_seed(self.seed * 1000 + (info.id if info else 0))
+        m = self.manifest
+        transform = RecipeTransform(self.recipe)
+        dataset = wds.WebDataset(self.urls, shardshuffle=False, nodesplitter=None, empty_check=False)
+        for sample in dataset:
+            label = _label(sample.get(m.label_ext) if m.label_ext else None, m.label_ext, m.label_key)
+            yield transform(sample[m.image_ext]), label
+
+
+def _collate(items: list[tuple[list[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    views = [torch.stack([it[0][v] for it in items]) for v in range(len(items[0][0]))]
+    return views, torch.tensor([it[1] for it in items], dtype=torch.int64)
+
+
+def reference_loader(
+    manifest_url: str,
+    recipe: ViewRecipe,
+    *,
+    batch_size: int,
+    num_workers: int = 2,
+    seed: int = 0,
+    storage_options: dict[str, Any] | None = None,
+    prefetch_factor: int = 2,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding ``(views: list[Tensor [B,3,H,W]], labels: Tensor [B])``, full batches only."""
+    return torch.utils.data.DataLoader(
+        ShardViews(manifest_url, recipe, seed=seed, storage_options=storage_options),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        drop_last=True,
+        persistent_workers=False,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+    )
+
+
+def reference_views(recipe: ViewRecipe, images: list[bytes], *, seed: int = 0) -> list[torch.Tensor]:
+    """The views of ``images`` in one process (for tests): ``[N, 3, H, W]`` per view.
+
+    Runs with one intra-op thread, as a DataLoader worker does: on small per-image tensors, torch's
+    thread pool costs more than it saves (ten times slower with two threads on two cores).
+    """
+    torch.manual_seed(seed)
+    transform = RecipeTransform(recipe)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        per_image = [transform(b) for b in images]
+    finally:
+        torch.set_num_threads(threads)
+    return [torch.stack([views[v] for views in per_image]) for v in range(len(recipe.views))]
+
+
+__all__ = ["RecipeTransform", "ShardViews", "reference_loader", "reference_views", "view_transform"]

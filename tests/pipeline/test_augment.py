@@ -1,0 +1,167 @@
+"""The DALI view graph (pipeline/augment.py) on CPU: recipes, exact single-op results against numpy,
+per-op firing rates against their configured probabilities, and seeding."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.augment import ViewRecipe, ViewSpec, build_pipeline, preset
+
+# A 32x32 test card: left half (200, 60, 20), right half (40, 140, 230). Every op leaves a trace:
+# flip swaps the halves, grayscale equalises channels, solarize maps 200 -> 55, blur softens the
+# edge at column 16, brightness moves the flat colours. PNG keeps pixel values exact.
+LEFT, RIGHT = (200, 60, 20), (40, 140, 230)
+
+
+def card() -> np.ndarray:
+    a = np.zeros((32, 32, 3), np.uint8)
+    a[:, :16] = LEFT
+    a[:, 16:] = RIGHT
+    return a
+
+
+def png(a: np.ndarray) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return np.frombuffer(buf.getvalue(), np.uint8)
+
+
+def plain(**kw) -> ViewSpec:
+    """A view that changes nothing (full-frame crop, every op off, output = pixel / 255) plus ``kw``."""
+    base = dict(
+        size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0,
+        solarize_p=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+    )  # fmt: skip
+    base.update(kw)
+    return ViewSpec(**base)
+
+
+def run(recipe: ViewRecipe, images: list[np.ndarray], batches: int, seed: int = 0) -> list[np.ndarray]:
+    """Pixel values (0..255 scale, HWC) of every view: ``[batches * len(images), H, W, 3]`` per view."""
+    data = [png(a) for a in images]
+    labels = np.arange(len(data), dtype=np.int64)
+    pipe = build_pipeline(
+        recipe, batch_size=len(data), num_threads=2, seed=seed, source=lambda: (data, labels), layout="HWC"
+    )
+    pipe.build()
+    outs: list[list[np.ndarray]] = [[] for _ in recipe.views]
+    for _ in range(batches):
+        result = pipe.run()
+        for v in range(len(recipe.views)):
+            outs[v].append(np.array(result[v].as_tensor()))
+        assert np.array_equal(np.array(result[-1].as_tensor()).ravel(), labels)
+    return [np.concatenate(o) * 255.0 for o in outs]
+
+
+def test_presets_follow_the_papers():
+    relic = preset("relic")
+    assert relic.num_large == 2 and relic.sizes == [224, 224]
+    assert [v.blur_p for v in relic.views] == [1.0, 0.1]
+    assert [v.solarize_p for v in relic.views] == [0.0, 0.2]
+    for v in relic.views:
+        assert (v.jitter, v.jitter_p, v.grayscale_p, v.flip_p) == ((0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.5)
+        assert v.blur_sigma == (0.1, 2.0) and v.scale == (0.08, 1.0)
+    v2 = preset("relicv2", num_small=6)
+    assert v2.num_large == 2 and v2.sizes == [224, 224] + [96] * 6
+    assert [v.scale for v in v2.views] == [(0.14, 1.0)] * 2 + [(0.05, 0.14)] * 6
+    demo = preset("demo")
+    assert demo.sizes == [32, 32] and demo.num_large == 2
+
+
+def test_preset_overrides_and_errors():
+    r = preset("relic", size=64, blur_p=[0.5, 0.0], grayscale_p=0.0)
+    assert r.sizes == [64, 64] and [v.blur_p for v in r.views] == [0.5, 0.0]
+    assert all(v.grayscale_p == 0.0 for v in r.views)
+    assert preset("relicv2", num_small=2, small_size=48).sizes == [224, 224, 48, 48]
+    with pytest.raises(ValueError, match="blurp"):
+        preset("relic", blurp=0.1)
+    with pytest.raises(ValueError, match="unknown view preset"):
+        preset("simclr")
+    with pytest.raises(ValueError, match="2 values for 3 views"):
+        preset("relicv2", num_small=1, blur_p=[1.0, 0.1])
+    with pytest.raises(ValueError, match=r"ViewSpec\.grayscale_p"):
+        ViewSpec(grayscale_p=1.5)
+    with pytest.raises(ValueError, match=r"ViewSpec\.scale"):
+        ViewSpec(scale=(0.5, 0.1))
+    with pytest.raises(ValueError, match="num_large"):
+        ViewRecipe(views=[ViewSpec()], num_large=2)
+
+
+def test_single_ops_match_numpy():
+    """With p = 1 each op is deterministic (up to blur): compare with the formula it implements."""
+    a = card().astype(np.float64)
+    luma = a @ np.array([0.299, 0.587, 0.114])
+    recipe = ViewRecipe(
+        views=[
+            plain(),
+            plain(flip_p=1.0),
+            plain(grayscale_p=1.0),
+            plain(solarize_p=1.0),
+            plain(mean=(0.5, 0.25, 0.125), std=(0.5, 0.25, 2.0)),
+        ],
+        num_large=1,
+    )
+    same, flipped, gray, solar, normed = (v[0] for v in run(recipe, [card()], batches=1))
+    np.testing.assert_allclose(same, a, atol=1e-3)
+    np.testing.assert_allclose(flipped, a[:, ::-1], atol=1e-3)
+    np.testing.assert_allclose(gray, np.repeat(luma[..., None], 3, axis=2), atol=1.01)
+    np.testing.assert_allclose(solar, np.where(a >= 128, 255 - a, a), atol=1e-3)
+    expected = (a / 255 - np.array([0.5, 0.25, 0.125])) / np.array([0.5, 0.25, 2.0]) * 255
+    np.testing.assert_allclose(normed, expected, atol=1e-2)
+
+
+def _within_binomial(hits: np.ndarray, p: float, what: str) -> None:
+    n = hits.size
+    tol = 4 * math.sqrt(p * (1 - p) / n)
+    assert abs(hits.mean() - p) <= tol, (
+        f"{what}: fired in {hits.mean():.3f} of {n} samples, expected {p} ± {tol:.3f}"
+    )
+
+
+def test_each_random_op_fires_at_its_probability():
+    """1024 samples; each view isolates one op at p = 0.3 (grayscale with full jitter on, to check that
+    jitter never makes channels equal by itself) and a detector tells per sample whether it fired."""
+    p = 0.3
+    recipe = ViewRecipe(
+        views=[
+            plain(flip_p=p),
+            plain(grayscale_p=p, jitter_p=0.8, jitter=(0.4, 0.4, 0.2, 0.1)),
+            plain(solarize_p=p),
+            plain(blur_p=p, blur_sigma=(1.0, 2.0)),
+            plain(jitter_p=p, jitter=(0.4, 0.0, 0.0, 0.0)),
+        ],
+        num_large=1,
+    )
+    flip, gray, solar, blur, jitter = run(recipe, [card()] * 128, batches=8)
+    _within_binomial(flip[:, :, :16, 0].mean(axis=(1, 2)) < flip[:, :, 16:, 0].mean(axis=(1, 2)), p, "flip")
+    channel_spread = (gray.max(axis=3) - gray.min(axis=3)).max(axis=(1, 2))
+    _within_binomial(channel_spread < 2.0, p, "grayscale")
+    _within_binomial(solar[:, 0, 0, 0] < 128, p, "solarize")
+    _within_binomial(np.abs(blur[:, 16, 15, 0] - LEFT[0]) > 3, p, "blur")
+    # Brightness b ~ U[0.6, 1.4] is invisible when |200 b - 200| <= 1.5: probability 0.015 / 0.8.
+    _within_binomial(np.abs(jitter[:, 0, 0, 0] - LEFT[0]) > 1.5, p * (1 - 0.015 / 0.8), "jitter")
+
+
+def test_probability_test_detects_a_wrong_rate():
+    """The detector and tolerance above are sharp enough to reject p = 0.45 when 0.3 is claimed."""
+    (gray,) = run(ViewRecipe(views=[plain(grayscale_p=0.45)], num_large=1), [card()] * 128, batches=4)
+    with pytest.raises(AssertionError, match="grayscale"):
+        _within_binomial((gray.max(axis=3) - gray.min(axis=3)).max(axis=(1, 2)) < 2.0, 0.3, "grayscale")
+
+
+def test_same_seed_same_views_other_seed_different():
+    recipe = preset("relic", size=32)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48, 40, 3), dtype=np.uint8) for _ in range(8)]
+    a = run(recipe, images, batches=2, seed=7)
+    b = run(recipe, images, batches=2, seed=7)
+    c = run(recipe, images, batches=2, seed=8)
+    for x, y, z in zip(a, b, c):
+        assert x.shape == (16, 32, 32, 3)
+        np.testing.assert_array_equal(x, y)
+        assert not np.array_equal(x, z)

@@ -1,0 +1,149 @@
+"""ViewLoader (pipeline/loader.py): tensors per recipe, dtypes and layouts, seeding, the decode-failure
+fallback, and shutdown. Sources are in-memory readers here; test_loader_shards.py uses ShardReader."""
+
+from __future__ import annotations
+
+import io
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.augment import preset
+from pipeline.loader import ViewBatch, ViewLoader
+
+
+def jpeg(rng: np.random.Generator, h: int, w: int) -> bytes:
+    """A smooth random colour field (compresses like a photo, unlike white noise)."""
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(small).resize((w, h), Image.BILINEAR).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@dataclass
+class Raw:
+    images: list[bytes]
+    labels: np.ndarray
+    keys: list[str]
+
+
+class ListReader:
+    """The ShardReader contract over a list of encoded images, in order; ``corrupt`` maps a sample
+    index to bytes that replace it (what a reader with validate=False would hand out)."""
+
+    def __init__(self, images: list[bytes], batch_size: int, corrupt: dict[int, bytes] | None = None):
+        self.images, self.batch_size, self.corrupt = images, batch_size, corrupt or {}
+        self.batches_per_epoch = len(images) // batch_size
+        self.stats = {"corrupt_image": 0}
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        for b in range(start_batch, self.batches_per_epoch):
+            idx = range(b * self.batch_size, (b + 1) * self.batch_size)
+            yield Raw(
+                [self.corrupt.get(i, self.images[i]) for i in idx],
+                np.array(list(idx), dtype=np.int64),
+                [f"{i:06d}" for i in idx],
+            )
+
+
+@pytest.fixture(scope="module")
+def images() -> list[bytes]:
+    rng = np.random.default_rng(0)
+    return [jpeg(rng, int(rng.integers(40, 90)), int(rng.integers(40, 90))) for _ in range(24)]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "sizes", "num_large"),
+    [
+        (preset("relic"), [224, 224], 2),
+        (preset("relicv2", num_small=2), [224, 224, 96, 96], 2),
+        (preset("demo"), [32, 32], 2),
+    ],
+    ids=["relic", "relicv2", "demo"],
+)
+def test_views_per_recipe(images, recipe, sizes, num_large):
+    loader = ViewLoader(ListReader(images[:8], batch_size=4), recipe, seed=0)
+    batches = list(loader.epoch(0))
+    assert len(batches) == len(loader) == 2 and recipe.num_large == num_large
+    for i, batch in enumerate(batches):
+        assert isinstance(batch, ViewBatch)
+        assert [tuple(v.shape) for v in batch.views] == [(4, 3, s, s) for s in sizes]
+        assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in batch.views)
+        assert all(torch.isfinite(v).all() for v in batch.views)
+        assert batch.labels.dtype == torch.int64 and batch.labels.tolist() == list(range(4 * i, 4 * i + 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_and_channels_last(images, dtype):
+    reader = ListReader(images[:8], batch_size=4)
+    reference = next(ViewLoader(reader, preset("demo"), seed=1).epoch(0))
+    (batch,) = list(ViewLoader(reader, preset("demo"), seed=1, dtype=dtype, channels_last=True).epoch(0, 1))
+    first = next(ViewLoader(reader, preset("demo"), seed=1, dtype=dtype, channels_last=True).epoch(0))
+    for v, ref in zip(first.views, reference.views):
+        assert v.dtype == dtype and v.shape == ref.shape
+        assert v.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(v.float(), ref, atol=0.05, rtol=0.02)  # same seed: same views
+    assert batch.labels.tolist() == [4, 5, 6, 7]
+
+
+def test_same_seed_same_batches_and_epochs_differ(images):
+    reader = ListReader(images, batch_size=6)
+
+    def views(seed: int, epoch: int, start: int = 0) -> list[torch.Tensor]:
+        return [
+            torch.cat(b.views, 1) for b in ViewLoader(reader, preset("demo"), seed=seed).epoch(epoch, start)
+        ]
+
+    a, b = views(3, 0), views(3, 0)
+    assert len(a) == 4
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not any(torch.equal(x, y) for x, y in zip(a, views(4, 0)))
+    assert not any(torch.equal(x, y) for x, y in zip(a, views(3, 1)))
+    assert len(views(3, 0, start=3)) == 1
+
+
+def test_undecodable_sample_is_replaced_and_counted(images, caplog):
+    """Random bytes and a truncated JPEG slip past a non-validating reader; DALI raises on them; the
+    loader rebuilds, replaces them by decodable samples of the same batch and counts them."""
+    corrupt = {5: b"\x00not an image" * 40, 13: images[13][: len(images[13]) // 3]}
+    reader = ListReader(images[:16], batch_size=4, corrupt=corrupt)
+    loader = ViewLoader(reader, preset("demo"), seed=0)
+    with caplog.at_level("WARNING", logger="pipeline.loader"):
+        batches = list(loader.epoch(0))
+    assert len(batches) == 4 and all(b.views[0].shape == (4, 3, 32, 32) for b in batches)
+    labels = torch.cat([b.labels for b in batches]).tolist()
+    assert 5 not in labels and labels[:4] == [0, 1, 2, 3] and labels[4] == 4
+    fallback = loader.stats["decode_fallback"]
+    truncated_decodes = 13 in labels  # libjpeg may decode a truncated file (grey bottom): then it stays
+    assert fallback == (1 if truncated_decodes else 2)
+    assert loader.stats["pipeline_rebuilds"] >= 1 and loader.stats["corrupt_image"] == 0
+    assert "000005" in caplog.text
+    # a clean epoch afterwards needs no fallback
+    clean = ViewLoader(ListReader(images[:16], batch_size=4), preset("demo"))
+    assert len(list(clean.epoch(0))) == 4 and clean.stats["decode_fallback"] == 0
+
+
+def test_a_batch_with_nothing_decodable_fails_with_its_keys(images):
+    reader = ListReader(images[:8], batch_size=4, corrupt={i: b"junk" * 50 for i in range(4, 8)})
+    with pytest.raises(RuntimeError, match=r"no decodable image.*000004"):
+        list(ViewLoader(reader, preset("demo")).epoch(0))
+
+
+def test_reader_errors_propagate_and_early_exit_stops_the_feeder(images):
+    class Failing(ListReader):
+        def epoch(self, epoch, start_batch=0):
+            yield from list(super().epoch(epoch, start_batch))[:1]
+            raise OSError("shard-000003.tar: connection reset")
+
+    with pytest.raises(OSError, match="connection reset"):
+        list(ViewLoader(Failing(images[:8], batch_size=4), preset("demo")).epoch(0))
+
+    before = threading.active_count()
+    it = ViewLoader(ListReader(images, batch_size=2), preset("demo"), prefetch=1).epoch(0)
+    next(it)
+    it.close()
+    assert threading.active_count() <= before
