@@ -1,0 +1,193 @@
+"""Checkpoints of a run: the full ``TrainState``, the data position and the config, as a Ray Checkpoint.
+
+A checkpoint is a directory ``checkpoint-<step:08d>`` inside the run directory (local or s3://)::
+
+    train_state.pt   TrainState.state_dict() of rank 0: online network, EMA target, optimiser, step
+                     (which fixes epoch and batch within the epoch), samples seen, queue, RNG states,
+                     and under ``extra["data"]`` the loader position (epoch, batch, world size, batch)
+    config.yaml      the resolved ExperimentConfig the run was started with
+    meta.json        step, epoch, batch_in_epoch, git SHA, time — readable without torch
+
+Only rank 0 writes files: every rank holds the same weights (DDP) and the data position is the same
+on every rank (all ranks step in lockstep); the other ranks report ``checkpoint=None`` at the same
+call, which Ray Train's ``report`` requires of every rank.
+
+Resume is exact: ``restore`` loads the state, after which the worker continues the same epoch at
+``state.batch_in_epoch``; ``ShardReader.epoch(epoch, start_batch)`` skips the consumed batches without
+reading them, so within the epoch no sample is seen twice or skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from cluster.config import ExperimentConfig, config_from_dict
+from pipeline import storage as fsutil
+
+STATE_FILE = "train_state.pt"
+CONFIG_FILE = "config.yaml"
+META_FILE = "meta.json"
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint-{step:08d}"
+
+
+def write_checkpoint(
+    directory: str | os.PathLike, state: Any, cfg: ExperimentConfig, meta: dict[str, Any]
+) -> None:
+    """Write the three files of a checkpoint into the local ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state.state_dict(), directory / STATE_FILE)
+    (directory / CONFIG_FILE).write_text(cfg.to_yaml())
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(directory) / META_FILE).read_text())
+
+
+def restore(state: Any, directory: str | os.PathLike) -> dict[str, Any]:
+    """Load ``train_state.pt`` from the local ``directory`` into ``state`` (before DDP wrapping or not:
+    ``TrainState`` loads into the unwrapped module). Returns the checkpoint's meta."""
+    directory = Path(directory)
+    saved = torch.load(directory / STATE_FILE, map_location=state.device, weights_only=False)
+    state.load_state_dict(saved)
+    return read_meta(directory)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation side: find a checkpoint, load its model.
+
+
+def latest_checkpoint(run_dir: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The newest complete ``checkpoint-*`` directory under ``run_dir`` (local or URL), or None."""
+    fs, path = fsutil.filesystem(run_dir, storage_options)
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return None
+    steps = []
+    for entry in entries:
+        m = _CHECKPOINT_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
+        if m and fs.exists(f"{entry.rstrip('/')}/{STATE_FILE}"):
+            steps.append((int(m.group(1)), entry.rstrip("/").rsplit("/", 1)[-1]))
+    if not steps:
+        return None
+    return fsutil.join(run_dir, max(steps)[1])
+
+
+def resolve_checkpoint(path: str, storage_options: dict[str, Any] | None = None) -> str:
+    """``path`` itself if it is a checkpoint directory, else the latest checkpoint of the run at ``path``."""
+    fs, fspath = fsutil.filesystem(path, storage_options)
+    if fs.exists(f"{fspath.rstrip('/')}/{STATE_FILE}"):
+        return path
+    found = latest_checkpoint(path, storage_options)
+    if found is None:
+        raise FileNotFoundError(
+            f"{path}: neither a checkpoint directory (no {STATE_FILE}) nor a run directory with checkpoint-* in it"
+        )
+    return found
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint's networks and config, ready for evaluation."""
+
+    path: str
+    config: ExperimentConfig
+    model: torch.nn.Module
+    """The online ``ReLICModel`` (``.encoder`` is the torchvision ResNet without ``fc``, ``.projector``
+    the critic), in eval mode."""
+    target: torch.nn.Module | None
+    """The EMA target network (a ``ReLICModel``), or None when the objective used the online network."""
+    meta: dict[str, Any]
+
+    @property
+    def encoder(self) -> torch.nn.Module:
+        return self.model.encoder
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def epoch(self) -> int:
+        return int(self.meta["epoch"])
+
+
+def load_model_from_checkpoint(
+    path: str, *, storage_options: dict[str, Any] | None = None, device: str | torch.device = "cpu"
+) -> LoadedCheckpoint:
+    """Load the model of a checkpoint directory, or of the latest checkpoint of a run directory.
+
+    ``path`` is local or a URL (s3://...; ``storage_options`` default to the environment's endpoint).
+    """
+    from training.model import build_model
+
+    if storage_options is None:
+        storage_options = fsutil.storage_options(path)
+    path = resolve_checkpoint(path, storage_options)
+    with _local_copy(path, storage_options) as local:
+        cfg = config_from_dict(
+            yaml.safe_load((Path(local) / CONFIG_FILE).read_text()), source=f"{path}/{CONFIG_FILE}"
+        )
+        saved = torch.load(Path(local) / STATE_FILE, map_location=device, weights_only=False)
+        meta = read_meta(local)
+    # SyncBatchNorm (model.sync_batchnorm) has BatchNorm's parameter names: it loads into plain BN.
+    model = build_model(cfg.model)
+    model.load_state_dict(saved["model"])
+    model.to(device).eval()
+    target = None
+    if saved.get("target") is not None:
+        target = build_model(cfg.model)
+        target.load_state_dict({k.removeprefix("network."): v for k, v in saved["target"].items()})
+        target.to(device).eval()
+    return LoadedCheckpoint(path=path, config=cfg, model=model, target=target, meta=meta)
+
+
+class _local_copy:
+    """Context manager: a local directory with the checkpoint's files (downloaded when remote)."""
+
+    def __init__(self, path: str, storage_options: dict[str, Any] | None) -> None:
+        self.path = path
+        self.options = storage_options
+        self.tmp: tempfile.TemporaryDirectory | None = None
+
+    def __enter__(self) -> str:
+        if not fsutil.is_remote(self.path):
+            return self.path
+        self.tmp = tempfile.TemporaryDirectory(prefix="relic-ckpt-")
+        fs, fspath = fsutil.filesystem(self.path, self.options)
+        for name in (STATE_FILE, CONFIG_FILE, META_FILE):
+            fs.get_file(f"{fspath.rstrip('/')}/{name}", os.path.join(self.tmp.name, name))
+        return self.tmp.name
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+
+def make_meta(state: Any, *, git_sha: str, world_size: int, batch_size: int) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
+        "samples_seen": state.samples_seen,
+        "world_size": world_size,
+        "per_worker_batch_size": batch_size,
+        "git_sha": git_sha,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,460 @@
+"""Driver side of a training run: config -> Ray Train ``TorchTrainer`` -> ``FitResult``.
+
+``fit(cfg)`` is what ``relic train`` and ``relic demo`` call. It
+
+1. checks what can be checked before any worker starts (``preflight``: the shard manifests exist,
+   every rank gets at least one batch per epoch, the kNN monitor's splits carry labels) and raises
+   ``ConfigError`` naming the key otherwise;
+2. writes the resolved config and the run's provenance (git SHA, Ray/torch versions, command line) to
+   ``<run.storage>/<run.name>/`` — the experiment directory Ray Train also writes its checkpoints to;
+3. builds the ``TorchTrainer``: ``ScalingConfig`` (workers, GPUs, resources, placement),
+   ``RunConfig`` (name, storage path — local or remote through ``cluster.storage`` — ``FailureConfig``,
+   ``CheckpointConfig``), ``TorchConfig`` (gloo/nccl), the worker function ``cluster.worker.train_loop``;
+4. runs it while a controller-side callback streams every report to the driver, which prints one
+   concise progress line per report and keeps the history;
+5. returns where the run and its latest checkpoint are, with the metrics history.
+
+A run whose directory already holds checkpoints (same ``run.storage`` and ``run.name``) continues from
+the latest one: Ray Train V2 restores its checkpoint manager from the experiment directory, and the
+workers resume from ``ray.train.get_checkpoint()`` (see ``cluster.worker``).
+
+Ray Train V2 notes (ray 2.60, ``RAY_TRAIN_V2_ENABLED`` defaults to on): ``TorchTrainer.fit()`` starts a
+controller actor on the driver's node; ``UserCallback``s run in that controller process, not in the
+driver, so progress reaches the driver through a small actor (``_ReportSink``). ``Result.metrics`` only
+holds the metrics attached to the latest checkpoint, which is why the history is collected here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.config import ConfigError, ExperimentConfig
+from cluster.storage import RunStorage
+from pipeline import storage as fsutil
+
+log = logging.getLogger(__name__)
+
+# Non-secret environment that workers need to reach the same S3-compatible endpoint as the driver.
+FORWARDED_ENV = (
+    "RELIC_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+)
+
+
+@dataclass
+class FitResult:
+    """What a finished run left behind.
+
+    ``run_dir``: the experiment directory (local path or ``s3://...``) holding ``config.yaml``,
+    ``run_info.json``, ``metrics.jsonl``, ``tensorboard/`` and the ``checkpoint-*`` directories.
+    ``checkpoint``: the latest checkpoint directory (load it with
+    ``cluster.checkpoint.load_model_from_checkpoint``), None if none was written.
+    ``metrics``: every report in arrival order (rank-0 view of cross-rank aggregates; after a restart
+    the steps since the last checkpoint appear twice — ``metrics_by_step`` keeps the latest).
+    """
+
+    run_dir: str
+    checkpoint: str | None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_metrics(self) -> dict[str, Any] | None:
+        return self.metrics[-1] if self.metrics else None
+
+    def metrics_by_step(self) -> dict[int, dict[str, Any]]:
+        return {int(m["step"]): m for m in self.metrics}
+
+
+# --------------------------------------------------------------------------------------------------
+# Ray connection
+
+
+@contextlib.contextmanager
+def ray_session(
+    num_cpus: int | None = None, *, worker_logs: bool = False, **init_kwargs: Any
+) -> Iterator[None]:
+    """Connect to Ray for the duration of the block.
+
+    Already connected: use it. ``RAY_ADDRESS`` set (also the case inside ``ray job submit``): join that
+    cluster. Otherwise start a local instance bound to 127.0.0.1 without dashboard (Ray would
+    otherwise bind a non-loopback interface) and shut it down afterwards.
+
+    ``worker_logs``: forward the workers' and the Train controller's output to this process. Off by
+    default: the driver prints its own progress lines and failures, and the full logs stay in Ray's
+    session directory (``/tmp/ray/session_latest/logs``). Without a dashboard Ray Train's placement-group
+    cleaner also warns every second that the State API is unavailable, which would drown the progress.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=worker_logs, **init_kwargs)
+        log.info("joined the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+    else:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            log_to_driver=worker_logs,
+            **init_kwargs,
+        )
+        log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks before any worker starts
+
+
+def data_options(cfg: ExperimentConfig, url: str) -> dict[str, Any]:
+    return fsutil.storage_options(url, endpoint_url=cfg.data.endpoint_url, profile=cfg.data.profile)
+
+
+def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Read the manifests and check the run can start; returns facts the driver logs.
+
+    Raises ConfigError naming the key for: unreadable manifests, fewer samples than one batch per
+    rank, kNN splits without labels.
+    """
+    from pipeline.reader import samples_per_rank
+    from pipeline.shards.manifest import load_manifest
+
+    def manifest(key: str, url: str):
+        try:
+            return load_manifest(url, data_options(cfg, url))
+        except Exception as e:  # FileNotFoundError, JSON errors, S3 errors: all are the user's to fix
+            raise ConfigError(f"cannot read the shard manifest at {url!r}: {e}", key=key) from e
+
+    train = manifest("data.train", cfg.data.train)
+    total = sum(s.samples for s in train.shards)
+    world, batch = cfg.scaling.num_workers, cfg.per_worker_batch_size
+    per_rank = samples_per_rank(total, world, batch)
+    if per_rank == 0:
+        raise ConfigError(
+            f"{total} training samples cannot give {world} workers one batch of {batch} each "
+            f"(global batch {cfg.data.global_batch_size}); expected at least {world * batch} samples",
+            key="data.global_batch_size",
+        )
+    facts = {"train_samples": total, "steps_per_epoch": per_rank // batch, "labelled": bool(train.label_ext)}
+    if cfg.data.knn_val and cfg.run.knn_every:
+        for key in ("data.knn_train", "data.knn_val"):
+            url = getattr(cfg.data, key.split(".")[1]) or cfg.data.train
+            m = train if url == cfg.data.train else manifest(key, url)
+            if not m.label_ext:
+                raise ConfigError(
+                    f"the kNN monitor needs labels, but the shards at {url!r} have none", key=key
+                )
+    return facts
+
+
+# --------------------------------------------------------------------------------------------------
+# Provenance
+
+
+def git_sha(path: str | os.PathLike | None = None) -> str:
+    """HEAD of the repository holding ``path`` (default: this package), "+dirty" when modified;
+    ``RELIC_GIT_SHA`` when not in a repository (e.g. a Docker image or a Ray job's working_dir copy)."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return f"{sha}+dirty" if dirty else sha
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("RELIC_GIT_SHA", "unknown")
+
+
+def run_info(cfg: ExperimentConfig) -> dict[str, Any]:
+    import ray
+    import torch
+
+    return {
+        "git_sha": git_sha(),
+        "command": shlex.join(sys.argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(),
+        "python": sys.version.split()[0],
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "num_workers": cfg.scaling.num_workers,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports from the workers to the driver
+
+
+def _sink_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class _ReportSink:
+        """Holds reports pushed by the controller-side callback until the driver drains them."""
+
+        def __init__(self) -> None:
+            self.items: list[dict[str, Any]] = []
+
+        def push(self, item: dict[str, Any]) -> None:
+            self.items.append(item)
+
+        def drain(self) -> list[dict[str, Any]]:
+            out, self.items = self.items, []
+            return out
+
+    return _ReportSink
+
+
+def _callback_class():
+    from ray.train import UserCallback
+
+    class _ForwardReports(UserCallback):
+        """Runs in the Ray Train controller: forwards each report and worker failure to the sink."""
+
+        def __init__(self, sink) -> None:
+            self.sink = sink
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            item = {"kind": "report", "metrics": dict(metrics[0]) if metrics else {}}
+            if checkpoint is not None:
+                item["checkpoint"] = checkpoint.path
+            self.sink.push.remote(item)  # fire and forget: never block the controller's event loop
+
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            errors = {int(rank): f"{type(e).__name__}: {e}"[:2000] for rank, e in worker_exceptions.items()}
+            self.sink.push.remote({"kind": "failure", "errors": errors})
+
+    return _ForwardReports
+
+
+def progress_line(m: dict[str, Any]) -> str:
+    """One concise line per report, e.g.
+    ``step 120/800 ep 1 loss 4.213 (c 4.101 i 0.112) lr 0.0500 m 0.9961 1234 img/s wait 3%``."""
+    total = m.get("total_steps")
+    parts = [f"step {m.get('step')}" + (f"/{total}" if total else ""), f"ep {m.get('epoch')}"]
+    if "loss" in m:
+        parts.append(
+            f"loss {m['loss']:.4f} (c {m.get('contrastive', float('nan')):.4f} i {m.get('invariance', float('nan')):.4f})"
+        )
+    if "lr" in m:
+        parts.append(f"lr {m['lr']:.4g} m {m.get('momentum', float('nan')):.5f}")
+    if "images_per_s" in m:
+        parts.append(f"{m['images_per_s']:.0f} img/s wait {100 * m.get('data_wait_fraction', 0.0):.0f}%")
+    skipped = m.get("skipped_total")
+    if skipped:
+        parts.append(f"skipped {skipped}")
+    if "knn_accuracy" in m:
+        parts.append(f"kNN {100 * m['knn_accuracy']:.1f}%")
+    if m.get("checkpoint"):
+        parts.append("[ckpt]")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# fit
+
+
+def build_trainer(
+    cfg: ExperimentConfig,
+    *,
+    run_storage: RunStorage,
+    loop_config: dict[str, Any],
+    callbacks: Sequence[Any] = (),
+    worker_env: dict[str, str] | None = None,
+):
+    """The ``TorchTrainer`` for ``cfg`` (not started)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cluster.worker import train_loop
+
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    env.update(cfg.scaling.env_vars)
+    env.update(worker_env or {})
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    storage_path, storage_fs = run_storage.ray_storage()
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=cfg.scaling.torch_backend),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.scaling.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
+            callbacks=list(callbacks),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+    )
+
+
+def fit(
+    cfg: ExperimentConfig,
+    *,
+    progress: bool | Callable[[str], None] = True,
+    worker_env: dict[str, str] | None = None,
+    hooks: Sequence[Any] = (),
+    poll_interval: float = 0.5,
+) -> FitResult:
+    """Train ``cfg`` with Ray Train on the connected Ray cluster (see ``ray_session``).
+
+    ``progress``: True prints a line per report to stdout, a callable receives each line, False is
+    silent. ``worker_env``: extra environment for the workers (e.g. credentials of a test endpoint;
+    the endpoint variables in ``FORWARDED_ENV`` are forwarded automatically). ``hooks``: picklable
+    objects whose ``on_step(info)`` runs on every worker after every step (``cluster.worker.StepInfo``;
+    for fault-injection drills and tests).
+
+    Raises ConfigError before any worker starts, ``ray.train.TrainingFailedError`` when the run fails
+    for good (after ``run.max_failures`` restarts).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("fit() needs a Ray connection: wrap it in cluster.trainer.ray_session()")
+    emit = progress if callable(progress) else (print if progress else (lambda _line: None))
+    facts = preflight(cfg)
+    storage = RunStorage.from_url(cfg.run.storage, cfg.run.endpoint_url)
+    run_dir = storage.run_url(cfg.run.name)
+    resuming = storage.exists(storage.run_url(cfg.run.name, "config.yaml"))
+    info = {**run_info(cfg), **facts}
+    storage.write_text(storage.run_url(cfg.run.name, "config.yaml"), cfg.to_yaml())
+    storage.write_text(storage.run_url(cfg.run.name, "run_info.json"), json.dumps(info, indent=2) + "\n")
+    log.info(
+        "run %s in %s (git %s)%s", cfg.run.name, run_dir, info["git_sha"], " — resuming" if resuming else ""
+    )
+
+    sink = _sink_class().remote()
+    loop_config = {
+        "config": cfg.to_dict(),
+        "run_dir": run_dir,
+        "run_storage_options": storage.options,
+        "data_storage_options": {
+            "train": data_options(cfg, cfg.data.train),
+            "knn_train": data_options(cfg, cfg.data.knn_train or cfg.data.train),
+            "knn_val": data_options(cfg, cfg.data.knn_val) if cfg.data.knn_val else {},
+        },
+        "git_sha": info["git_sha"],
+        "hooks": list(hooks),
+    }
+    trainer = build_trainer(
+        cfg,
+        run_storage=storage,
+        loop_config=loop_config,
+        callbacks=[_callback_class()(sink)],
+        worker_env=worker_env,
+    )
+
+    history: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    restored = {"step": -1}
+
+    def drain() -> None:
+        for item in ray.get(sink.drain.remote(), timeout=60):
+            if item["kind"] == "report":
+                m = dict(item["metrics"])
+                if m.get("restored_step", -1) != restored["step"]:
+                    restored["step"] = m["restored_step"]
+                    emit(f"resumed from the checkpoint at step {m['restored_step']}")
+                if item.get("checkpoint"):
+                    m["checkpoint"] = _as_url(storage, item["checkpoint"])
+                history.append(m)
+                emit(progress_line(m))
+            else:
+                failures.append(item["errors"])
+                for rank, err in sorted(item["errors"].items()):
+                    emit(f"worker rank {rank} failed: {err.splitlines()[0] if err else err}")
+                emit(
+                    "Ray Train restarts the worker group from the last checkpoint (run.max_failures permitting)"
+                )
+
+    # trainer.fit() stays in this thread: Ray installs its Ctrl-C handler (abort the controller) only
+    # from the main thread. The reports are drained by a helper thread meanwhile.
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not stop.wait(poll_interval):
+            try:
+                drain()
+            except Exception as e:  # a hiccup of the sink must not kill the run; the final drain retries
+                log.debug("report drain failed: %s", e)
+
+    pump_thread = threading.Thread(target=pump, name="relic-progress", daemon=True)
+    pump_thread.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        pump_thread.join(timeout=120)
+        with contextlib.suppress(Exception):
+            drain()
+        with contextlib.suppress(Exception):
+            ray.kill(sink)
+        _write_history(storage, cfg, history)
+    checkpoint = _as_url(storage, result.checkpoint.path) if result.checkpoint else None
+    return FitResult(
+        run_dir=run_dir,
+        checkpoint=checkpoint,
+        metrics=history,
+        failures=failures,
+        storage_options=storage.options,
+    )
+
+
+def _as_url(storage: RunStorage, fs_path: str) -> str:
+    """Ray reports paths inside its filesystem ("bucket/prefix/..." for s3); give them their scheme back."""
+    if storage.is_remote and "://" not in fs_path:
+        return f"{fsutil.protocol(storage.url)}://{fs_path}"
+    return fs_path
+
+
+def _write_history(storage: RunStorage, cfg: ExperimentConfig, history: list[dict[str, Any]]) -> None:
+    """Append this fit's reports to ``<run_dir>/metrics.jsonl`` (a resumed run adds to the file)."""
+    if not history:
+        return
+    url = storage.run_url(cfg.run.name, "metrics.jsonl")
+    text = "".join(json.dumps(m, sort_keys=True) + "\n" for m in history)
+    try:
+        previous = storage.read_text(url) if storage.exists(url) else ""
+        storage.write_text(url, previous + text)
+    except Exception as e:  # the run itself succeeded or failed already; do not mask that
+        log.warning("could not write metrics.jsonl: %s", e)

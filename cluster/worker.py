@@ -1,0 +1,474 @@
+"""The per-worker training loop that Ray Train runs on every rank (``train_loop``).
+
+Each worker:
+
+1. reads its world rank, world size and local rank from ``ray.train.get_context()``;
+2. builds its ``ShardReader`` on its share of the shards (``pipeline.reader``: rank ``r`` of ``world``
+   takes a disjoint, equal block of each epoch) and its ``ViewLoader`` (DALI, on its device);
+3. builds the ``TrainState`` (same seed on every rank -> identical initial weights), restores it from
+   ``ray.train.get_checkpoint()`` when Ray hands one over (a restart after a failure, or a new run
+   with the name of an existing one), then wraps the online network in DDP (gloo on CPU, nccl on GPU);
+4. trains. The epoch is consumed in *segments* that end at checkpoint boundaries (every
+   ``run.checkpoint_every`` steps, every epoch end, the last step). Each segment is one
+   ``loader.epoch(epoch, start_batch)`` call, so a run resumed from a checkpoint asks the loader for
+   exactly the same segment as the uninterrupted run did: same samples (the reader's resume
+   contract) and same augmentations (the loader seeds DALI from (seed, rank, epoch, start_batch)).
+   The cost is a pipeline rebuild per checkpoint, when training pauses for the checkpoint anyway.
+5. every ``run.report_every`` steps and at every checkpoint, all ranks call ``ray.train.report`` (the
+   same number of times on every rank, as Ray requires); the metrics are aggregated across ranks
+   first: loss terms (mean), lr, EMA momentum, images/s (sum), data-wait fraction (mean), skipped
+   samples by reason (sum). Rank 0 attaches the checkpoint and writes TensorBoard events.
+6. at the end of every ``run.knn_every``-th epoch, when ``data.knn_val`` is set, rank 0 runs the
+   online kNN monitor (frozen encoder features, weighted kNN; ``training.evaluate``).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class StepInfo:
+    """What a worker hook sees after each step (``hook.on_step(info)``) and before the first one
+    (``hook.on_start(info)``, with ``metrics`` None)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    node_id: str
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    metrics: dict[str, float] | None
+    keys: list[str] | None
+    """Sample keys of the batch just trained on (this rank)."""
+    restored_step: int | None
+    """Step of the checkpoint this attempt started from, None for a fresh start."""
+    state: Any
+    batch: Any
+
+
+class _KeyTap:
+    """Wraps a reader and queues the sample keys of every raw batch it hands to the loader, so that
+    each trained ``ViewBatch`` (1:1, in order) can be matched with its keys."""
+
+    def __init__(self, reader: Any) -> None:
+        self._reader = reader
+        self.pending: collections.deque[list[str]] = collections.deque()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
+        self.pending.clear()
+        for raw in self._reader.epoch(epoch, start_batch):
+            self.pending.append(list(raw.keys))
+            yield raw
+
+
+def segment_end(step: int, *, steps_per_epoch: int, checkpoint_every: int, end_step: int) -> int:
+    """The first checkpoint boundary after ``step``: the epoch end, the next multiple of
+    ``checkpoint_every`` (0: none) or ``end_step``, whichever comes first."""
+    stop = min((step // steps_per_epoch + 1) * steps_per_epoch, end_step)
+    if checkpoint_every:
+        stop = min(stop, (step // checkpoint_every + 1) * checkpoint_every)
+    return stop
+
+
+class _Meter:
+    """Time and images since the last report on this rank."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.wait = 0.0
+        self.busy = 0.0
+        self.images = 0
+        self.started = time.perf_counter()
+
+    def local(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return {"wait": self.wait, "busy": self.busy, "elapsed": elapsed, "images": self.images}
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def aggregate(per_rank: list[dict[str, Any]], skip_reasons: tuple[str, ...]) -> dict[str, float]:
+    """Cross-rank report values: throughput summed, wait fraction averaged, skip counters summed."""
+    out: dict[str, float] = {}
+    out["images_per_s"] = float(sum(r["images"] / r["elapsed"] for r in per_rank))
+    out["data_wait_fraction"] = float(np.mean([r["wait"] / r["elapsed"] for r in per_rank]))
+    total = 0
+    for reason in skip_reasons:
+        count = int(sum(r["stats"].get(reason, 0) for r in per_rank))
+        out[f"skipped/{reason}"] = count
+        total += count
+    out["skipped_total"] = total
+    out["filled"] = int(sum(r["stats"].get("filled", 0) for r in per_rank))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# kNN monitor
+
+
+def decode_labelled(
+    url: str, *, size: int, max_samples: int, storage_options: dict[str, Any] | None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``max_samples`` images of a labelled shard set as uint8 [N,3,size,size] (shorter side
+    resized to ``size``, centre crop) and int64 labels [N]. PIL, one process: the monitor is small."""
+    from PIL import Image
+
+    from pipeline.reader import ShardReader
+
+    reader = ShardReader(
+        url, batch_size=1, rank=0, world_size=1, seed=seed, shuffle_buffer=1, storage_options=storage_options
+    )
+    images, labels = [], []
+    for raw in reader.epoch(0):
+        for data, label in zip(raw.images, raw.labels):
+            with Image.open(io.BytesIO(data)) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                scale = size / min(w, h)
+                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+                w, h = im.size
+                left, top = (w - size) // 2, (h - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+                images.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1))
+            labels.append(int(label))
+        if len(images) >= max_samples:
+            break
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+class KNNMonitor:
+    """Weighted kNN accuracy of the frozen encoder: bank = ``knn_train``, queries = ``knn_val``."""
+
+    def __init__(
+        self, cfg: Any, recipe: Any, options: dict[str, dict[str, Any]], device: torch.device
+    ) -> None:
+        view = recipe.views[0]
+        self.size, self.mean, self.std = view.size, view.mean, view.std
+        self.cfg, self.options, self.device = cfg, options, device
+        self._data: tuple | None = None
+
+    def _load(self) -> tuple:
+        if self._data is None:
+            d = self.cfg.data
+            kw = {"size": self.size, "max_samples": d.knn_max_samples}
+            bank = decode_labelled(d.knn_train or d.train, storage_options=self.options["knn_train"], **kw)
+            query = decode_labelled(d.knn_val, storage_options=self.options["knn_val"], **kw)
+            self._data = (*bank, *query)
+        return self._data
+
+    def accuracy(self, encoder: torch.nn.Module) -> float:
+        from training.evaluate import extract_features, knn_classify
+
+        bank_x, bank_y, query_x, query_y = self._load()
+        kw = {"device": self.device, "batch_size": 256, "mean": self.mean, "std": self.std}
+        bank_f, _ = extract_features(encoder, bank_x, **kw)
+        query_f, _ = extract_features(encoder, query_x, **kw)
+        return knn_classify(
+            bank_f, bank_y, query_f, query_y, k=self.cfg.run.knn_k, temperature=self.cfg.run.knn_temperature
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# TensorBoard
+
+
+class _TensorBoard:
+    """Rank 0's event files: written straight into the run directory when it is local, else into a
+    local directory that is uploaded to ``<run_dir>/tensorboard`` at every checkpoint and at the end."""
+
+    def __init__(self, run_dir: str, storage_options: dict[str, Any]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from cluster.storage import RunStorage
+        from pipeline import storage as fsutil
+
+        self.remote = fsutil.is_remote(run_dir)
+        self.target = fsutil.join(run_dir, "tensorboard")
+        self.storage = RunStorage(url=run_dir, options=storage_options)
+        self.local = tempfile.mkdtemp(prefix="relic-tb-") if self.remote else self.target
+        self.writer = SummaryWriter(self.local)
+
+    def scalars(self, metrics: dict[str, Any], step: int) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def sync(self) -> None:
+        if self.remote:
+            self.writer.flush()
+            self.storage.upload_dir(self.local, self.target)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.sync()
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train's ``train_loop_per_worker`` (see module doc). ``loop_config`` is built by
+    ``cluster.trainer.fit``: the resolved config as a dict, the run directory and storage options."""
+    import ray.train
+    from torch.nn.parallel import DistributedDataParallel
+
+    from cluster import checkpoint as ckpt
+    from cluster.config import config_from_dict
+    from pipeline.augment import preset
+    from pipeline.loader import ViewLoader
+    from pipeline.reader import SKIP_REASONS, ShardReader
+    from training.loop import build_train_state, train_step
+
+    cfg = config_from_dict(loop_config["config"])
+    hooks = list(loop_config.get("hooks") or [])
+    ctx = ray.train.get_context()
+    rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+    if world != cfg.scaling.num_workers:
+        raise RuntimeError(f"Ray started {world} workers, the config asks for {cfg.scaling.num_workers}")
+    if cfg.scaling.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    options = loop_config["data_storage_options"]
+    batch_size = cfg.per_worker_batch_size
+
+    reader = ShardReader(
+        cfg.data.train,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world,
+        num_workers=cfg.data.reader_workers,
+        seed=cfg.run.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        storage_options=options["train"],
+    )
+    source = _KeyTap(reader) if hooks else reader
+    recipe = preset(cfg.views.preset, **cfg.views.options)
+    loader = ViewLoader(
+        source,
+        recipe,
+        device=device,
+        seed=cfg.run.seed,
+        num_threads=cfg.views.num_threads,
+        dtype=_DTYPES[cfg.views.dtype],
+        channels_last=cfg.model.channels_last,
+        prefetch=cfg.views.prefetch,
+    )
+    state = build_train_state(
+        cfg.model,
+        cfg.objective,
+        cfg.optim,
+        cfg.schedule,
+        steps_per_epoch=reader.batches_per_epoch,
+        global_batch=cfg.data.global_batch_size,
+        device=device,
+        seed=cfg.run.seed,
+    )
+    restored_step = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            meta = ckpt.restore(state, directory)
+        restored_step = state.step
+        if rank == 0:
+            log.warning(
+                "resumed from %s at step %d (epoch %d, batch %d)",
+                checkpoint.path,
+                meta["step"],
+                state.epoch,
+                state.batch_in_epoch,
+            )
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        state.model = DistributedDataParallel(state.model, device_ids=ids)
+
+    end_step = state.total_steps if cfg.run.max_steps is None else min(state.total_steps, cfg.run.max_steps)
+    monitor = (
+        KNNMonitor(cfg, recipe, options, device)
+        if rank == 0 and cfg.data.knn_val and cfg.run.knn_every
+        else None
+    )
+    tensorboard = (
+        _TensorBoard(loop_config["run_dir"], loop_config["run_storage_options"])
+        if (rank == 0 and cfg.run.tensorboard)
+        else None
+    )
+    node_id = ray.get_runtime_context().get_node_id()
+
+    def info(metrics: dict | None, keys: list[str] | None, batch: Any) -> StepInfo:
+        return StepInfo(
+            rank=rank,
+            world_size=world,
+            local_rank=local_rank,
+            node_id=node_id,
+            step=state.step,
+            epoch=state.epoch if metrics is None else (state.step - 1) // state.steps_per_epoch,
+            batch_in_epoch=state.batch_in_epoch,
+            metrics=metrics,
+            keys=keys,
+            restored_step=restored_step,
+            state=state,
+            batch=batch,
+        )
+
+    for hook in hooks:
+        if hasattr(hook, "on_start"):
+            hook.on_start(info(None, None, None))
+
+    meter = _Meter()
+    last: dict[str, float] = {}
+    try:
+        while state.step < end_step:
+            epoch, start = state.epoch, state.batch_in_epoch
+            stop = segment_end(
+                state.step,
+                steps_per_epoch=state.steps_per_epoch,
+                checkpoint_every=cfg.run.checkpoint_every,
+                end_step=end_step,
+            )
+            batches = loader.epoch(epoch, start)
+            try:
+                while state.step < stop:
+                    t0 = time.perf_counter()
+                    batch = next(batches)
+                    t1 = time.perf_counter()
+                    last = train_step(state, batch)
+                    meter.wait += t1 - t0
+                    meter.busy += time.perf_counter() - t1
+                    meter.images += batch_size
+                    keys = source.pending.popleft() if hooks and source.pending else None
+                    for hook in hooks:
+                        hook.on_step(info(last, keys, batch))
+                    at_checkpoint = state.step == stop
+                    if state.step % cfg.run.report_every == 0 or at_checkpoint:
+                        epoch_done = state.batch_in_epoch == 0
+                        knn = None
+                        if monitor is not None and epoch_done and state.epoch % cfg.run.knn_every == 0:
+                            knn = monitor.accuracy(state.online.encoder)
+                        _report(
+                            state,
+                            last,
+                            meter,
+                            loader.stats,
+                            cfg=cfg,
+                            epoch=epoch,
+                            checkpoint=at_checkpoint,
+                            knn=knn,
+                            rank=rank,
+                            world=world,
+                            batch_size=batch_size,
+                            git_sha=loop_config.get("git_sha", "unknown"),
+                            tensorboard=tensorboard,
+                            restored_step=restored_step,
+                            skip_reasons=(*SKIP_REASONS, "decode_fallback"),
+                        )
+                        meter.reset()
+            finally:
+                batches.close()
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
+
+
+def _report(
+    state: Any,
+    last: dict[str, float],
+    meter: _Meter,
+    stats: dict[str, int],
+    *,
+    cfg: Any,
+    epoch: int,
+    checkpoint: bool,
+    knn: float | None,
+    rank: int,
+    world: int,
+    batch_size: int,
+    git_sha: str,
+    tensorboard: _TensorBoard | None,
+    restored_step: int | None,
+    skip_reasons: tuple[str, ...],
+) -> None:
+    """Aggregate across ranks, then ``ray.train.report`` on every rank (rank 0 attaches the checkpoint)."""
+    import ray.train
+
+    from cluster import checkpoint as ckpt
+
+    per_rank = _gather_objects({**meter.local(), "stats": stats})
+    metrics: dict[str, Any] = {
+        "step": state.step,
+        "epoch": epoch,
+        "total_steps": state.total_steps
+        if cfg.run.max_steps is None
+        else min(state.total_steps, cfg.run.max_steps),
+        "samples_seen": state.samples_seen,
+        "loss": last["loss"],
+        "contrastive": last["contrastive"],
+        "invariance": last["invariance"],
+        "lr": last["lr"],
+        "momentum": last["momentum"],
+        **aggregate(per_rank, skip_reasons),
+        "restored_step": -1 if restored_step is None else restored_step,
+    }
+    if knn is not None:
+        metrics["knn_accuracy"] = knn
+    if tensorboard is not None:
+        tensorboard.scalars(
+            {k: v for k, v in metrics.items() if k not in ("step", "total_steps")}, state.step
+        )
+    name = ckpt.checkpoint_dir_name(state.step)
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        return
+    if tensorboard is not None:
+        tensorboard.sync()
+    with tempfile.TemporaryDirectory(prefix="relic-ckpt-") as directory:
+        state.extra["data"] = {
+            "epoch": state.epoch,
+            "batch_in_epoch": state.batch_in_epoch,
+            "world_size": world,
+        }
+        meta = ckpt.make_meta(state, git_sha=git_sha, world_size=world, batch_size=batch_size)
+        ckpt.write_checkpoint(directory, state, cfg, meta)
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name
+        )

@@ -1,0 +1,118 @@
+"""Worker hooks for the Ray tests (``cluster.trainer.fit(..., hooks=[...])``).
+
+They run inside the Ray Train workers, so the tests register this module with
+``cloudpickle.register_pickle_by_value`` (``by_value()``): Ray ships the classes' code with the config
+instead of asking the workers to import a test module they cannot see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def by_value() -> None:
+    from ray import cloudpickle  # Ray serialises with its vendored copy, not the cloudpickle package
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _append(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+class Recorder:
+    """One JSON line per worker start and per step, in ``<directory>/rank<r>.jsonl``."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = str(directory)
+
+    def _path(self, rank: int) -> str:
+        return os.path.join(self.directory, f"rank{rank}.jsonl")
+
+    def on_start(self, info) -> None:
+        _append(
+            self._path(info.rank),
+            {
+                "event": "start",
+                "rank": info.rank,
+                "step": info.step,
+                "restored_step": info.restored_step,
+                "node": info.node_id,
+                "world_size": info.world_size,
+            },
+        )
+
+    def on_step(self, info) -> None:
+        _append(
+            self._path(info.rank),
+            {
+                "event": "step",
+                "rank": info.rank,
+                "step": info.step,
+                "epoch": info.epoch,
+                "node": info.node_id,
+                "keys": info.keys,
+                "restored_step": info.restored_step,
+                **{k: info.metrics[k] for k in ("loss", "contrastive", "invariance", "lr", "momentum")},
+            },
+        )
+
+
+class KillOnce:
+    """SIGKILL this worker process after ``step`` on ``rank`` — only while ``marker`` does not exist,
+    so the restarted attempt runs through."""
+
+    def __init__(self, step: int, marker: str | os.PathLike, rank: int = 0) -> None:
+        self.step, self.marker, self.rank = step, str(marker), rank
+
+    def on_step(self, info) -> None:
+        if info.rank == self.rank and info.step == self.step and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ContrastProbe:
+    """Records, per call of the ReLIC loss, the local batch size, the contrast-set size and the offset
+    (wraps ``training.loop.relic_loss`` in the worker process)."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = str(directory)
+
+    def on_start(self, info) -> None:
+        import training.loop as loop
+
+        original = loop.relic_loss
+        path = os.path.join(self.directory, f"contrast{info.rank}.jsonl")
+
+        def recording(online, target, **kwargs):
+            _append(
+                path,
+                {
+                    "batch": int(online[0].shape[0]),
+                    "contrast": int(target[0].shape[0]),
+                    "offset": kwargs.get("offset"),
+                },
+            )
+            return original(online, target, **kwargs)
+
+        loop.relic_loss = recording
+
+    def on_step(self, info) -> None:
+        pass
+
+
+def read_records(directory: str | os.PathLike, pattern: str = "rank*.jsonl") -> list[dict]:
+    out = []
+    for path in sorted(Path(directory).glob(pattern)):
+        out.extend(json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return out
+
+
+def last_by_rank_step(records: list[dict]) -> dict[tuple[int, int], dict]:
+    """The latest record of every (rank, step): after a restart, the re-run steps win."""
+    return {(r["rank"], r["step"]): r for r in records if r["event"] == "step"}
