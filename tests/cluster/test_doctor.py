@@ -189,3 +189,38 @@ def test_gpu_benchmark_skips_without_cuda(monkeypatch, capsys, tmp_path):
     assert gpu.main(["--quick", "--out", str(out)]) == 0
     assert "gpu benchmark skipped: no CUDA device is visible" in capsys.readouterr().out
     assert not out.exists()
+
+
+class _FakeProps:
+    def __init__(self, name, major, minor):
+        self.name, self.major, self.minor, self.total_memory = name, major, minor, 80 * 2**30
+
+
+def test_gpu_lines_when_torch_sees_gpus(monkeypatch):
+    """The GPU branch, with torch's CUDA queries replaced: a Volta GPU FAILs (CUDA 13 needs sm_75+),
+    an A100 is OK, and no bf16 support is a WARN."""
+    import torch
+
+    gpus = [_FakeProps("Tesla V100", 7, 0), _FakeProps("NVIDIA A100", 8, 0)]
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: gpus[i])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    checks = by_name(doctor.check_torch_cuda())
+    assert checks["torch cuda"].status == "WARN" and "2 GPU(s)" in checks["torch cuda"].detail
+    assert checks["gpu 0"].status == "FAIL" and "7.5" in checks["gpu 0"].detail
+    assert checks["gpu 1"].status == "OK" and checks["gpu 1"].detail == "NVIDIA A100, compute 8.0, 80 GiB"
+    nccl = doctor.check_nccl()
+    assert nccl.status == "OK" and nccl.detail.startswith("NCCL 2.")
+
+
+def test_dali_gpu_failure_is_a_fail_line_not_a_crash(monkeypatch):
+    import nvidia.dali.backend
+
+    monkeypatch.setattr(nvidia.dali.backend, "GetCUDADeviceCount", lambda: 1)
+    checks = by_name(doctor.check_dali())
+    assert checks["dali cpu"].status == "OK"
+    # DALI believes in a GPU this machine does not have: the mixed-decoder pipeline fails -> FAIL + fix.
+    assert checks["dali gpu"].status == "FAIL" and "mixed-decoder" in checks["dali gpu"].detail
+    assert "580" in checks["dali gpu"].fix
