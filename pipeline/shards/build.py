@@ -45,6 +45,7 @@ import os
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -591,10 +592,12 @@ def _run_tasks(
     """Run every chunk task, writing receipts as chunks finish; returns ``{chunk: receipt}``."""
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
-    if show:
+
+    def open_bar() -> Any:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="img", unit_scale=True, desc="shards", file=sys.stderr)
+        return tqdm(total=total, unit="img", desc="shards", file=sys.stderr) if show else None
+
     results: dict[int, dict] = {}
     next_publish = 0  # spool mode: chunks are numbered and published in order
     next_shard = 0
@@ -627,6 +630,7 @@ def _run_tasks(
     try:
         if workers == 1:
             _init_worker(None)
+            bar = open_bar()
             done_samples = done_bytes = 0
             for t in tasks:
                 r = run_chunk(job, t, t.chunk if direct else None)
@@ -637,13 +641,13 @@ def _run_tasks(
                     bar.update(len(t.items))
                     _postfix(bar, done_bytes, start)
         else:
-            ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["pipeline.shards.build"])
+            ctx = _pool_context()
             counters = (ctx.Value("q", 0), ctx.Value("q", 0))
             with cf.ProcessPoolExecutor(
                 workers, mp_context=ctx, initializer=_init_worker, initargs=(counters,)
             ) as pool:
                 pending = {pool.submit(run_chunk, job, t, t.chunk if direct else None) for t in tasks}
+                bar = open_bar()  # after the workers exist: tqdm's monitor thread must not be forked
                 try:
                     while pending:
                         done, pending = cf.wait(pending, timeout=0.25, return_when=cf.FIRST_COMPLETED)
@@ -665,6 +669,17 @@ def _run_tasks(
         if bar is not None:
             bar.close()
     return results
+
+
+def _pool_context() -> Any:
+    """``fork`` when this process runs no other Python thread (workers start in milliseconds and import
+    nothing); otherwise ``forkserver``, because forking a process while another thread may hold a lock
+    (an fsspec I/O loop, a progress-bar monitor) can deadlock the child."""
+    if "fork" in mp.get_all_start_methods() and threading.active_count() == 1:
+        return mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["pipeline.shards.build"])
+    return ctx
 
 
 def _postfix(bar: Any, nbytes: int, start: float) -> None:

@@ -243,3 +243,11 @@ def test_digits_fixture_reads_in_dali(digits_shards):
     assert [lab for _, lab in got] == [int(targets[int(meta["source"].split("#")[1])]) for *_, meta in ref]
     meta = json.loads(json.dumps(ref[0][3]))
     assert meta["original_size"] == [8, 8]
+
+
+def test_progress_bar_reports_rates(tmp_path, capsys):
+    build_shards("builtin:digits?split=val", str(tmp_path), max_samples=60, progress=True)
+    err = capsys.readouterr().err
+    assert "img/s" in err and "MB/s" in err and "179/179" in err
+    build_shards("builtin:digits?split=val", str(tmp_path / "quiet"), max_samples=60, progress=False)
+    assert capsys.readouterr().err == ""

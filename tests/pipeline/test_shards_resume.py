@@ -31,12 +31,14 @@ def _wait(predicate, timeout, what):
 
 
 def _pool_workers(pid):
-    """The ProcessPoolExecutor's workers: children of the build's forkserver process."""
+    """The ProcessPoolExecutor's workers: forked children of the build (or of its forkserver)."""
     workers = []
     for child in psutil.Process(pid).children():
         cmd = " ".join(child.cmdline())
         if "forkserver" in cmd:
             workers.extend(child.children())
+        elif "resource_tracker" not in cmd:
+            workers.append(child)
     return workers
 
 
