@@ -200,7 +200,7 @@ def run(args) -> dict[str, Any]:
             "data": data if args.data else "builtin:photos (temporary)",
             "views": sizes,
             "arch": cfg.model.arch,
-            "bf16": True,
+            "bf16": device.type == "cuda",  # train_step autocasts to bf16 on CUDA only
             "channels_last": cfg.model.channels_last,
             "warmup": warmup,
         },
@@ -217,11 +217,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = run(args)
     res = out["results"]
-    rows = [{"figure": name, **{k: v for k, v in r.items()}} for name, r in res.items()]
+    setup, views = out["setup"], out["setup"]["views"]
+    shape = f"{len(views)}x{views[0]}" if len(set(views)) == 1 else "+".join(map(str, views))
     common.print_table(
-        rows,
+        [{"figure": name, **r} for name, r in res.items()],
         ["figure", "images_per_s", "batch_size", "steps", "seconds"],
-        title=f"ReLIC {out['setup']['arch']} {'x'.join(map(str, out['setup']['views']))} bf16 on {out['gpu']['name']}",
+        title=f"ReLIC {setup['arch']} {shape} {'bf16' if setup['bf16'] else 'fp32'} on {out['gpu']['name']}",
     )
     headline = {
         "dali_gpu_images_per_s": res["dali_gpu"]["images_per_s"],
