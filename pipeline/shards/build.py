@@ -486,12 +486,14 @@ def build_shards(
     digits_size: int = 32,
     photos_count: int | None = None,
     split: str | None = None,
+    source_storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Build shards from SOURCE into OUT (local dir or fsspec URL) and return the saved manifest.
 
     ``progress``: a tqdm bar on stderr; ``None`` shows it when stderr is a terminal. Raises
     :class:`~pipeline.shards.sources.SourceError` for an unusable SOURCE, :class:`BuildError` for an
-    unwritable OUT or a build that died (re-run the same call to resume)."""
+    unwritable OUT or a build that died (re-run the same call to resume). ``storage_options`` are for
+    OUT, and for SOURCE too when both use the same protocol, unless ``source_storage_options`` is given."""
     for name, value, low in (("max_samples", max_samples, 1), ("workers", workers, 1)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
@@ -505,7 +507,12 @@ def build_shards(
         raise ValueError(f"prefix must be a non-empty name without '/' or spaces, got {prefix!r}")
 
     options = dict(storage_options) if storage_options is not None else storage.storage_options(out)
-    src_options = storage.storage_options(source) if storage.is_remote(source) else {}
+    if source_storage_options is not None:
+        src_options = dict(source_storage_options)
+    elif storage.is_remote(source) and storage.protocol(source) == storage.protocol(out):
+        src_options = options
+    else:
+        src_options = storage.storage_options(source)
     src = open_source(
         source,
         storage_options=src_options,

@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b = sub.add_parser(
         "build",
         help="build WebDataset shards from a folder, a list or a built-in set",
-        description=__doc__.split("\n\n")[0],
+        description="Build WebDataset tar shards, manifest.json and (--index) DALI .idx files from SOURCE into OUT.",
         epilog=SOURCE_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -92,7 +92,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     b.add_argument("--max-samples", type=int, default=10000, help="samples per shard at most (default 10000)")
     b.add_argument("--max-bytes", type=parse_size, default=None, help="bytes per shard at most, e.g. 1GB")
-    b.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    b.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="parallel worker processes (default 1); work is split by shard, so a set needs >= 2 shards per worker",
+    )
     b.add_argument("--seed", type=int, default=0, help="seed of the input shuffle (default 0)")
     b.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is at most this")
     b.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
@@ -167,6 +172,7 @@ def _build(args: argparse.Namespace) -> int:
         index=args.index,
         prefix=args.prefix,
         storage_options=_options(args.out, args),
+        source_storage_options=_options(args.source, args) if storage.is_remote(args.source) else None,
         progress=args.progress,
         digits_size=args.digits_size,
         photos_count=args.photos_count,

@@ -23,6 +23,7 @@ from shards_helpers import (
 )
 
 from pipeline.shards.build import build_shards, prepare_image
+from pipeline.shards.dali_index import write_dali_index
 from pipeline.shards.manifest import load_manifest
 from pipeline.shards.sources import (
     DIGITS_SPLIT_FRACTIONS,
@@ -111,6 +112,10 @@ def test_dali_index_matches_dalis_own_tool(folder_build, tmp_path):
         ours = os.path.join(os.path.dirname(m.url), s.index)
         with open(ours) as f:
             assert f.read() == theirs.read_text()
+        rescanned = io.StringIO()
+        with open(m.shard_url(i), "rb") as f:
+            assert write_dali_index(f, rescanned) == s.samples
+        assert rescanned.getvalue() == theirs.read_text()
 
 
 def test_fixed_tar_metadata(folder_build):

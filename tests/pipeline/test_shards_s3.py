@@ -102,3 +102,17 @@ def test_cli_build_to_s3_with_endpoint_flag(s3_bucket, s3_server, capsys, monkey
     opts = storage.storage_options(url, endpoint_url=s3_server)
     assert load_manifest(url, opts).total_samples == 360
     assert cli_run(parser.parse_args(["verify", url, "--endpoint-url", s3_server])) == 0
+
+
+def test_image_folder_on_s3_as_source(s3_bucket, s3_options, tmp_path):
+    from shards_helpers import image_bytes
+
+    fs = s3fs.S3FileSystem(**s3_options)
+    bucket = s3_bucket.removeprefix("s3://")
+    for cls in ("a", "b"):
+        for i in range(3):
+            fs.pipe_file(f"{bucket}/imgs/{cls}/{i}.jpg", image_bytes("JPEG", seed=i))
+    fs.pipe_file(f"{bucket}/imgs/a/bad.jpg", b"")
+    m = build_shards(f"{s3_bucket}/imgs", str(tmp_path), source_storage_options=s3_options, progress=False)
+    assert m.classes == ["a", "b"] and m.class_counts == {"a": 3, "b": 3}
+    assert [(r.input, r.reason) for r in m.rejected] == [("a/bad.jpg", "empty file (0 bytes)")]
