@@ -368,7 +368,14 @@ def check_ray(address: str | None, timeout: float) -> Check:
         "check that the head is up (`ray status`) and that the Ray versions match"
     )
     cmd = [sys.executable, "-c", "import sys, cluster.doctor as d; d._ray_probe_main(sys.argv[1])", address]
-    env = {**os.environ, "RAY_ADDRESS": ""}  # the probe connects to `address`, never to an inherited one
+    # The probe connects to `address`, never to an inherited RAY_ADDRESS, and imports this very module
+    # (also from a source checkout that is not installed).
+    source_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": "",
+        "PYTHONPATH": os.pathsep.join(filter(None, [source_root, os.environ.get("PYTHONPATH")])),
+    }
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
