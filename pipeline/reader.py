@@ -212,6 +212,7 @@ _SOF_SUPPORTED = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressiv
 _SOF_OTHER = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # lossless / arithmetic / hier.
 _HEADER_MARKERS = {0xC4, 0xCC, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0)}
 _MAX_SIDE = 65535
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # not stuffing, restart or fill
 
 
 class _Bad(Exception):
@@ -252,7 +253,13 @@ def image_problem(data: bytes, image_ext: str = "jpg", validate: bool | str = Tr
 
 
 def _check_jpeg(data: bytes) -> None:
-    n, pos, sof = len(data), 2, None
+    """Marker segments from SOI to the first SOS (to every SOS of a progressive JPEG), checked where
+    libjpeg-turbo, DALI's CPU decoder, would fail on them (ITU-T T.81 annex B; libjpeg-turbo
+    jdmarker.c, jdhuff.c, jdphuff.c, jdinput.c), then an EOI after the scan data."""
+    n, pos, length = len(data), 2, 0
+    frame: tuple[int, dict[int, tuple[int, int]]] | None = None  # SOF marker, id -> (quant table, h*v)
+    qtables: set[int] = set()
+    htables: set[tuple[int, int]] = set()
     while True:
         if pos + 4 > n:
             raise _Bad("corrupt_image", f"jpeg headers end at byte {pos} of {n}")
@@ -267,18 +274,33 @@ def _check_jpeg(data: bytes) -> None:
         if length < 2 or pos + 2 + length > n:
             raise _Bad("corrupt_image", f"jpeg: segment 0x{marker:02X} at {pos} overruns the data")
         if marker in _SOF_SUPPORTED:
-            sof = _check_sof(body)
+            if frame is not None:
+                raise _Bad("corrupt_image", "jpeg: two frame headers")
+            frame = (marker, _check_sof(body))
         elif marker in _SOF_OTHER:
             raise _Bad("unsupported_image", f"jpeg: SOF 0x{marker:02X} (lossless/arithmetic/hierarchical)")
         elif marker == 0xDB:
-            _check_dqt(body)
+            qtables |= _check_dqt(body)
         elif marker == 0xC4:
-            _check_dht(body)
+            htables |= _check_dht(body)
         elif marker == 0xDA:
-            if sof is None:
+            if frame is None:
                 raise _Bad("corrupt_image", "jpeg: scan before frame header (no SOF)")
-            _check_sos(body, sof)
-            break
+            missing = {q for q, _ in frame[1].values()} - qtables
+            if missing:
+                raise _Bad("corrupt_image", f"jpeg: quantization tables {sorted(missing)} not defined")
+            _check_sos(body, frame[0], frame[1], htables)
+            if frame[0] != 0xC2:
+                break
+            # Progressive: more table and scan headers follow the scan data; find the next marker
+            # (entropy-coded data has only FF00 stuffing and RSTn) and keep checking.
+            found = _NEXT_MARKER.search(data, pos + 2 + length)
+            if found is None:
+                raise _Bad("corrupt_image", f"jpeg: scan data runs to the end ({n} bytes; truncated?)")
+            pos = found.start()
+            if data[pos + 1] == 0xD9:
+                return
+            continue
         elif marker not in _HEADER_MARKERS:
             raise _Bad("corrupt_image", f"jpeg: invalid marker 0xFF{marker:02X} at byte {pos}")
         pos += 2 + length
@@ -289,7 +311,7 @@ def _check_jpeg(data: bytes) -> None:
         raise _Bad("corrupt_image", f"jpeg: no EOI after the scan data ({n} bytes; truncated?)")
 
 
-def _check_sof(body: bytes) -> set[int]:
+def _check_sof(body: bytes) -> dict[int, tuple[int, int]]:
     if len(body) < 6:
         raise _Bad("corrupt_image", "jpeg: short SOF")
     precision, height, width, ncomp = struct.unpack_from(">BHHB", body)
@@ -299,48 +321,85 @@ def _check_sof(body: bytes) -> set[int]:
         raise _Bad("corrupt_image", f"jpeg: size {width}x{height}")
     if ncomp not in (1, 3, 4) or len(body) != 6 + 3 * ncomp:
         raise _Bad("corrupt_image", f"jpeg: {ncomp} components in a {len(body)}-byte SOF")
-    ids = set()
+    components = {}
     for c in range(ncomp):
         cid, sampling, qtable = body[6 + 3 * c : 9 + 3 * c]
-        if not (1 <= sampling >> 4 <= 4 and 1 <= sampling & 15 <= 4) or qtable > 3:
+        if not (1 <= sampling >> 4 <= 4 and 1 <= sampling & 15 <= 4) or qtable > 3 or cid in components:
             raise _Bad("corrupt_image", f"jpeg: component {cid} sampling 0x{sampling:02X} table {qtable}")
-        ids.add(cid)
-    return ids
+        components[cid] = (qtable, (sampling >> 4) * (sampling & 15))
+    return components
 
 
-def _check_dqt(body: bytes) -> None:
-    pos = 0
+def _check_dqt(body: bytes) -> set[int]:
+    pos, defined = 0, set()
     while pos < len(body):
         pq, tq = body[pos] >> 4, body[pos] & 15
         if pq > 1 or tq > 3:
             raise _Bad("corrupt_image", f"jpeg: DQT precision {pq} table {tq}")
+        defined.add(tq)
         pos += 1 + 64 * (1 + pq)
     if pos != len(body):
         raise _Bad("corrupt_image", "jpeg: DQT length mismatch")
+    return defined
 
 
-def _check_dht(body: bytes) -> None:
-    pos = 0
+def _check_dht(body: bytes) -> set[tuple[int, int]]:
+    """Each table: class/id, 16 code-length counts that form a valid prefix code with the all-ones code
+    unused (libjpeg's "Bogus Huffman table definition"), DC symbols <= 15."""
+    pos, defined = 0, set()
     while pos < len(body):
         tc, th = body[pos] >> 4, body[pos] & 15
         if tc > 1 or th > 3 or pos + 17 > len(body):
             raise _Bad("corrupt_image", f"jpeg: DHT class {tc} table {th}")
-        count = sum(body[pos + 1 : pos + 17])
-        if count > 256:
-            raise _Bad("corrupt_image", f"jpeg: DHT with {count} codes")
-        pos += 17 + count
+        counts = body[pos + 1 : pos + 17]
+        total = sum(counts)
+        if total > 256 or pos + 17 + total > len(body):
+            raise _Bad("corrupt_image", f"jpeg: DHT with {total} codes")
+        code = 0
+        for bits, count in enumerate(counts, 1):
+            code += count
+            if count and code >= 1 << bits:
+                raise _Bad("corrupt_image", f"jpeg: Huffman table {tc}/{th}: too many codes of length {bits}")
+            code <<= 1
+        if tc == 0 and max(body[pos + 17 : pos + 17 + total], default=0) > 15:
+            raise _Bad("corrupt_image", f"jpeg: DC Huffman table {th} has a symbol > 15")
+        defined.add((tc, th))
+        pos += 17 + total
     if pos != len(body):
         raise _Bad("corrupt_image", "jpeg: DHT length mismatch")
+    return defined
 
 
-def _check_sos(body: bytes, frame_components: set[int]) -> None:
+def _check_sos(
+    body: bytes, sof: int, components: dict[int, tuple[int, int]], htables: set[tuple[int, int]]
+) -> None:
     ns = body[0] if body else 0
     if not 1 <= ns <= 4 or len(body) != 4 + 2 * ns:
         raise _Bad("corrupt_image", f"jpeg: SOS with {ns} components in {len(body)} bytes")
+    ss, se, ah, al = body[1 + 2 * ns], body[2 + 2 * ns], body[3 + 2 * ns] >> 4, body[3 + 2 * ns] & 15
+    if sof == 0xC2:  # progressive: libjpeg-turbo jdphuff.c start_pass_phuff_decoder
+        bad = se != 0 if ss == 0 else (ss > se or se > 63 or ns != 1)
+        bad = bad or (ah != 0 and al != ah - 1) or al > 13
+    else:
+        bad = (ss, se, ah, al) != (0, 63, 0, 0)
+    if bad:
+        raise _Bad("corrupt_image", f"jpeg: scan parameters Ss={ss} Se={se} Ah={ah} Al={al}")
+    if sof == 0xC2:  # the first scan needs the DC tables (DC scan) or the AC table (AC scan)
+        uses = (0,) if ss == 0 and ah == 0 else (1,) if ss > 0 else ()
+    else:
+        uses = (0, 1)
+    blocks = 0
     for c in range(ns):
         cid, tables = body[1 + 2 * c], body[2 + 2 * c]
-        if cid not in frame_components or tables >> 4 > 3 or tables & 15 > 3:
-            raise _Bad("corrupt_image", f"jpeg: SOS component {cid} tables 0x{tables:02X}")
+        if cid not in components:
+            raise _Bad("corrupt_image", f"jpeg: SOS component {cid} is not in the frame")
+        blocks += components[cid][1]
+        for table_class in uses:
+            table = (table_class, tables >> 4 if table_class == 0 else tables & 15)
+            if table not in htables:  # libjpeg-turbo: "Huffman table 0x.. was not defined"
+                raise _Bad("corrupt_image", f"jpeg: SOS component {cid} uses undefined Huffman table {table}")
+    if ns > 1 and blocks > 10:  # libjpeg's D_MAX_BLOCKS_IN_MCU
+        raise _Bad("corrupt_image", f"jpeg: {blocks} blocks per MCU in an interleaved scan (max 10)")
 
 
 def _check_png(data: bytes) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_reader import encode, epoch_batches, keys_of, make_shard_set, sample_members
 from webdataset.tariterators import tar_file_iterator
 
@@ -185,33 +186,61 @@ def test_all_shards_unreadable_is_an_error_not_a_hang(tmp_path):
 
 def test_dali_decodes_everything_handed_out_and_raises_on_the_rejected(bad_set):
     """The reason for validation: DALI's decoder raises on these bytes, and not on what we hand out."""
-    from nvidia.dali import fn, pipeline_def, types
-
     url, _, _ = bad_set
     batches = epoch_batches(reader_for(url), 0)
-
-    def decode(images: list[bytes]) -> list[tuple[int, ...]]:
-        @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, prefetch_queue_depth=1)
-        def pipe():
-            data = fn.external_source(
-                source=lambda: [np.frombuffer(x, np.uint8) for x in images], batch=True, dtype=types.UINT8
-            )
-            return fn.decoders.image(data, device="cpu", output_type=types.RGB)
-
-        p = pipe()
-        p.build()
-        (out,) = p.run()
-        return [tuple(out[i].shape()) for i in range(len(images))]
-
     for b in batches:
-        assert all(len(s) == 3 and s[2] == 3 for s in decode(b.images))
+        assert all(len(s) == 3 and s[2] == 3 for s in dali_decode(b.images))
     rejected = [
-        make(i) for i, (reason, make) in DEFECTS.items() if make is not None and reason != "wrong_format"
+        (make(i), "jpg") for i, (reason, make) in DEFECTS.items() if make and reason != "wrong_format"
     ]
-    for data in rejected:
+    png, webp = png_bytes(1), encode(1, "WEBP")
+    rejected += [(png[: len(png) // 2], "png"), (png[:-12], "png"), (webp[:-10], "webp")]
+    for data, ext in rejected:
+        assert image_problem(data, ext) is not None
         with pytest.raises(RuntimeError):
-            decode([data])
-    assert decode([jpeg_corrupt_entropy(54)])  # accepted by validation, and DALI agrees
+            dali_decode([data])
+    accepted = [jpeg_corrupt_entropy(54), png, webp]  # DALI decodes them and so they pass validation
+    assert all(image_problem(data, ext) is None for data, ext in zip(accepted, ["jpg", "png", "webp"]))
+    assert len(dali_decode(accepted)) == 3
+
+
+def dali_decode(images: list[bytes]) -> list[tuple[int, ...]]:
+    """Shapes of ``images`` decoded by DALI's CPU decoder in one batch; raises if any fails."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def pipe():
+        data = fn.external_source(
+            source=lambda: [np.frombuffer(x, np.uint8) for x in images], batch=True, dtype=types.UINT8
+        )
+        return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    return [tuple(out[i].shape()) for i in range(len(images))]
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_mutated_jpegs_that_pass_the_cheap_check_decode_in_dali(progressive):
+    """Random byte changes anywhere in a JPEG: whatever the cheap check accepts, DALI decodes (a
+    progressive JPEG has table and scan headers between its scans; they are checked too)."""
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90, progressive=progressive)
+    good = buf.getvalue()
+    rng = np.random.default_rng(11)
+    accepted, rejected = [], 0
+    for _ in range(300):
+        data = bytearray(good)
+        for _ in range(int(rng.integers(1, 3))):
+            data[int(rng.integers(2, len(good) - 2))] = int(rng.integers(0, 256))
+        if image_problem(bytes(data)) is None:
+            accepted.append(bytes(data))
+        else:
+            rejected += 1
+    assert accepted and rejected
+    assert len(dali_decode(accepted)) == len(accepted)
 
 
 def test_image_problem_formats_and_decode_mode():
