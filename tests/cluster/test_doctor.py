@@ -107,7 +107,14 @@ def test_s3_shards_readable_and_missing_bucket(s3_server, s3_options, s3_bucket)
 def test_ray_cluster_nodes_and_resources():
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
+    # address="local": always a fresh instance, never a cluster someone left running on this machine
+    ray.init(
+        address="local",
+        num_cpus=1,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="ERROR",
+    )
     try:
         address = ray.get_runtime_context().gcs_address
         check = doctor.check_ray(address, timeout=30)
