@@ -9,17 +9,19 @@ Epoch policy (the contract every rank relies on)
    rank ``r`` takes the contiguous block ``[r*N, (r+1)*N)`` (:func:`plan_epoch`). Ranks are disjoint and
    equal; the ``total - world_size*N`` samples at the tail are dropped, and because the shard order
    changes, the dropped samples rotate between epochs. A rank opens only the shards overlapping its
-   block and skips to its start offset without decoding (tar members it does not need are stepped
-   over, never handed to anyone).
-3. **Loader workers.** ``num_workers`` streams (threads) subdivide the rank's block into contiguous
-   segments of whole batches (:func:`split_workers`); batch ``b`` of the epoch comes from worker
-   ``b % num_workers``. The number of workers is therefore part of the configuration: it changes the
-   order, never the set of samples.
+   block and starts at its offset without decoding: with the shard's DALI ``.idx`` it seeks straight
+   to the first sample (nothing before it is transferred), otherwise it steps over the tar headers
+   before it with ``seek``.
+3. **Loader workers.** ``num_workers`` streams (threads; worth it for remote shards, where they
+   overlap request latency) subdivide the rank's block into contiguous segments of whole batches
+   (:func:`split_workers`); batch ``b`` of the epoch comes from worker ``b % num_workers``. The
+   number of workers is therefore part of the configuration: it changes the order, never the set of
+   samples.
 4. **Sample shuffle.** Within a worker's segment, a shuffle buffer of ``shuffle_buffer`` samples
    (WebDataset's ``shuffle`` stage, Breuel 2020) mixes samples, seeded from
    ``(seed, epoch, rank, worker)``. It is simulated on sample *positions* (:func:`shuffle_order`), so
    the output order is known before any byte is read: memory is the same as a real buffer (at most
-   ``shuffle_buffer + 1`` samples held), and resuming needs no data that was consumed.
+   ``shuffle_buffer + 1`` encoded images per worker), and resuming needs no data that was consumed.
 5. **Batches.** Slot ``j`` of a worker's shuffled order belongs to local batch ``j // batch_size``.
    Every epoch yields exactly ``batches_per_epoch`` full batches on every rank, never a short one.
 6. **Bad samples** (see below) leave an empty slot. It is *filled* with a duplicate of a good sample of
@@ -32,6 +34,12 @@ Epoch policy (the contract every rank relies on)
    batches ``start_batch..`` equal those of an uninterrupted epoch — also with bad samples, because a
    batch's content depends only on its own slots and later ones (the exception is the epoch-end
    borrowing of rule 6, when every later batch is bad as well).
+
+Streaming: shards are opened with webdataset's ``gopen`` (s3:// and other fsspec URLs through the
+opener :func:`pipeline.storage.register_webdataset_opener` installs, with the reader's storage
+options) and read member by member (:func:`tar_members`), never whole: plain tars by a small header
+parser that reads only the wanted members, compressed tars by webdataset's ``tar_file_iterator``.
+Samples are grouped by key as webdataset does (``base_plus_ext``).
 
 Bad data never stops the stream and is never silent. Each skipped sample is counted under one reason
 (``SKIP_REASONS``) and logged once (reason, shard, key):
@@ -53,15 +61,19 @@ Labels that cannot be parsed are counted as ``bad_label`` and delivered as -1 (t
 Validation (``validate``): DALI's image decoder raises on a corrupt image and stops the pipeline, so the
 reader hands out only images that pass :func:`image_problem`:
 
-- ``True``/``"cheap"`` (default): magic bytes consistent with ``image_ext``; JPEG: walk of the marker
-  segments from SOI to the first SOS (every marker known, lengths inside the data, DQT/DHT/SOF/SOS
-  contents well-formed, sizes 1..65535, 8-bit precision) and an EOI after the scan data; PNG: chunk
-  walk with CRC of every chunk up to IEND; WebP: RIFF size and the VP8/VP8L/VP8X header. Measured
-  with DALI 2.4's CPU decoder: it raises on truncated data, missing EOI and broken headers (all caught
-  here) and decodes, with warnings, corrupted entropy-coded data (harmless garbage pixels).
-- ``"decode"``: additionally a full PIL decode of every image. Slow (a full decode per sample, on the
-  reader thread), for data sets where the cheap check is not enough: if a loader ever sees DALI raise
-  on data that passed the cheap check, rerun with ``validate="decode"``.
+- ``True``/``"cheap"`` (default): magic bytes consistent with ``image_ext``. JPEG: every marker
+  segment up to the first scan (every scan of a progressive JPEG) checked where libjpeg-turbo, DALI's
+  CPU decoder, fails: known markers, lengths inside the data, 8-bit frame of 1..65535 pixels a side,
+  quantization tables defined, Huffman tables forming a valid prefix code and defined before use,
+  scan parameters, blocks per MCU; then an EOI after the scan data. PNG: chunk walk with the CRC of
+  every chunk up to IEND. WebP: RIFF size and the VP8/VP8L/VP8X header. Measured with DALI 2.4's CPU
+  decoder: it raises on truncation, a missing EOI and broken headers (all caught here) and decodes,
+  with warnings, corrupted entropy-coded data (garbage pixels, harmless for training). Random byte
+  changes anywhere in baseline and progressive JPEGs found no accepted image that DALI rejects
+  (tests/pipeline/test_reader_bad_data.py); this costs ~20 us per image, no decode.
+- ``"decode"``: additionally a full PIL decode of every image: slow (a decode per sample on the
+  reader thread), for data sets where the cheap check is not enough. A loader that still sees DALI
+  raise on a batch can fall back to decoding that batch image by image (pipeline/loader.py does).
 - ``False``: only missing/empty images are skipped.
 
 Labels: ``manifest.label_ext == "cls"``: decimal text; ``"json"``: the field ``manifest.label_key``
@@ -71,6 +83,7 @@ Labels: ``manifest.label_ext == "cls"``: decimal text; ``"json"``: the field ``m
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -343,9 +356,25 @@ def _check_dqt(body: bytes) -> set[int]:
     return defined
 
 
-def _check_dht(body: bytes) -> set[tuple[int, int]]:
+def _check_dht(body: bytes) -> frozenset[tuple[int, int]]:
     """Each table: class/id, 16 code-length counts that form a valid prefix code with the all-ones code
     unused (libjpeg's "Bogus Huffman table definition"), DC symbols <= 15."""
+    result = _dht_tables(body)
+    if isinstance(result, str):
+        raise _Bad("corrupt_image", result)
+    return result
+
+
+@functools.lru_cache(maxsize=4096)
+def _dht_tables(body: bytes) -> frozenset[tuple[int, int]] | str:
+    """The tables a DHT body defines, or what is wrong with it. Cached: encoders mostly reuse tables."""
+    try:
+        return frozenset(_parse_dht(body))
+    except _Bad as e:
+        return str(e)
+
+
+def _parse_dht(body: bytes) -> set[tuple[int, int]]:
     pos, defined = 0, set()
     while pos < len(body):
         tc, th = body[pos] >> 4, body[pos] & 15
