@@ -137,6 +137,34 @@ def _reencode(data: np.ndarray) -> np.ndarray:
     return np.frombuffer(out.getvalue(), dtype=np.uint8)
 
 
+def to_torch(
+    outputs: tuple, *, device: torch.device, dtype: torch.dtype = torch.float32, channels_last: bool = False
+) -> ViewBatch:
+    """DALI outputs ``(view_0, ..., view_{V-1}, labels)`` -> ``ViewBatch`` on ``device``: one copy per view
+    from DALI's buffer (recycled by the next run) into torch memory."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    views = []
+    for out in outputs[:-1]:
+        dense = out.as_tensor()  # a view of DALI's contiguous batch buffer
+        t = torch.empty(
+            tuple(dense.shape()),
+            dtype=torch.float16 if dtype == torch.float16 else torch.float32,
+            device=device,
+        )
+        feed_ndarray(dense, t, cuda_stream=stream)
+        if dtype == torch.bfloat16:
+            t = t.to(torch.bfloat16)
+        if channels_last:
+            t = t.permute(0, 3, 1, 2)  # HWC storage -> NCHW view with channels-last strides
+        views.append(t)
+    labels = torch.from_numpy(
+        np.array(outputs[-1].as_tensor()).reshape(len(outputs[-1]), -1)[:, 0].astype(np.int64)
+    )
+    return ViewBatch(views=views, labels=labels.to(device, non_blocking=True))
+
+
 class ViewLoader:
     """Iterates ``ViewBatch``es of one epoch of ``reader`` augmented by ``recipe`` (see module doc).
 
@@ -222,25 +250,7 @@ class ViewLoader:
         return pipe
 
     def _to_torch(self, outputs: tuple) -> ViewBatch:
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        views = []
-        for out in outputs[:-1]:
-            dense = out.as_tensor()  # a view of DALI's contiguous batch buffer
-            t = torch.empty(
-                tuple(dense.shape()),
-                dtype=torch.float16 if self.dtype == torch.float16 else torch.float32,
-                device=self.device,
-            )
-            feed_ndarray(dense, t, cuda_stream=stream)  # the one copy, into torch memory
-            if self.dtype == torch.bfloat16:
-                t = t.to(torch.bfloat16)
-            if self.channels_last:
-                t = t.permute(0, 3, 1, 2)  # HWC storage -> NCHW view with channels-last strides
-            views.append(t)
-        labels = torch.from_numpy(np.array(outputs[-1].as_tensor()).reshape(-1).astype(np.int64))
-        return ViewBatch(views=views, labels=labels.to(self.device, non_blocking=True))
+        return to_torch(outputs, device=self.device, dtype=self.dtype, channels_last=self.channels_last)
 
     def _repair(self, batches: list[_Batch], reencode: bool) -> None:
         """Replace every sample PIL cannot decode by a decodable one of the same batch (in place)."""

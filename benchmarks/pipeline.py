@@ -1,0 +1,239 @@
+"""View-generation throughput: our ShardReader + ViewLoader (DALI on CPU) against torchvision and DALI's
+own webdataset reader, on the same shards and the same ``relic`` recipe.
+
+    python -m benchmarks.pipeline [--quick] [--out benchmarks/results/pipeline.json]
+
+Setup: ``builtin:photos`` crops (longer side 375..500 px, like ImageNet; 1,000 of them, 300 with
+``--quick``) built once into shards with DALI index files (``build_shards(..., index=True)``); a 4x
+shard set repeats those shard files under new names (same bytes, 4x the shards and samples).
+
+Contenders, each in a fresh process (``benchmarks.common.measure_child``), batch 32, one epoch,
+the first ``WARMUP`` batches untimed (pipeline build, worker start-up):
+
+- ``ours``: ``ShardReader`` (Python tar streaming, cheap JPEG validation) -> ``ViewLoader`` with
+  ``num_threads=2``: DALI CPU decoder and operators, views copied into torch tensors.
+- ``torchvision``: ``pipeline.reference.reference_loader``: webdataset + Pillow + transforms v2 in a
+  DataLoader with 2 workers.
+- ``dali_native``: ``fn.readers.webdataset`` over the same tars and ``.idx`` files feeding the same
+  graph (``pipeline.augment.views_graph``) with ``num_threads=2``, outputs copied into torch tensors
+  the same way.
+- ``ours_4x``: ``ours`` on the 4x shard set (peak RSS only matters; it must not grow with shards).
+- ``reader``: ``ShardReader.epoch`` alone (shards -> batched JPEG bytes, no decode), one process.
+
+Peak RSS: ``peak_rss_mb`` is the contender process's high-water mark (or its largest child's);
+``tree_rss_mb`` is the peak of the summed RSS of the process and its children, sampled every 50 ms
+(DataLoader workers are separate processes, DALI threads are not).
+
+Headline: ``speedup_vs_torchvision`` = ours / torchvision view pairs per second;
+``ratio_vs_dali_native`` = ours / dali_native; ``rss_growth_4x`` = ours_4x / ours tree peak RSS;
+``reader_samples_per_s``. Targets (issue 3, 2-core machine): >= 2.5, >= 0.9, <= 1.10.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks.common import measure_child, parser, print_table, write_results
+
+BATCH = 32
+THREADS = 2
+WARMUP = 2
+
+
+class _TreeRss(threading.Thread):
+    """Peak of the summed RSS of this process and its descendants, sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = 0.0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self.done.wait(0.05):
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+            self.peak = max(self.peak, total / 2**20)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join()
+        return self.peak
+
+
+def _timed(batches, batch_size: int) -> dict:
+    """Consume an iterator of batches; time all but the first WARMUP."""
+    n = 0
+    start = time.perf_counter()
+    for i, _ in enumerate(batches):
+        if i + 1 == WARMUP:
+            start = time.perf_counter()
+        elif i + 1 > WARMUP:
+            n += batch_size
+    seconds = time.perf_counter() - start
+    return {"samples_timed": n, "seconds": round(seconds, 3), "pairs_per_s": n / seconds}
+
+
+def run_ours(shards: str) -> dict:
+    from pipeline.augment import preset
+    from pipeline.loader import ViewLoader
+    from pipeline.reader import ShardReader
+
+    sampler = _TreeRss()
+    sampler.start()
+    reader = ShardReader(shards, batch_size=BATCH, seed=0)
+    loader = ViewLoader(reader, preset("relic"), seed=0, num_threads=THREADS)
+    result = _timed(loader.epoch(0), BATCH)
+    result["tree_rss_mb"] = sampler.stop()
+    result["stats"] = {k: v for k, v in loader.stats.items() if v}
+    return result
+
+
+def run_torchvision(shards: str) -> dict:
+    from pipeline.augment import preset
+    from pipeline.reference import reference_loader
+
+    sampler = _TreeRss()
+    sampler.start()
+    loader = reference_loader(shards, preset("relic"), batch_size=BATCH, num_workers=THREADS)
+    result = _timed(iter(loader), BATCH)
+    result["tree_rss_mb"] = sampler.stop()
+    return result
+
+
+def run_dali_native(shards: str) -> dict:
+    import math
+
+    import nvidia.dali.fn as fn
+    import torch
+
+    from pipeline.augment import build_pipeline, preset
+    from pipeline.loader import to_torch
+    from pipeline.shards.manifest import load_manifest
+
+    sampler = _TreeRss()
+    sampler.start()
+    manifest = load_manifest(shards)
+    root = os.path.dirname(manifest.url)
+    tars = [os.path.join(root, s.name) for s in manifest.shards]
+    indexes = [os.path.join(root, s.index) for s in manifest.shards]
+
+    def inputs():
+        jpg, _ = fn.readers.webdataset(
+            paths=tars,
+            index_paths=indexes,
+            ext=["jpg", "json"],
+            missing_component_behavior="error",
+            name="wds",
+        )
+        return jpg, fn.shapes(jpg)  # no label in photos shards: a cheap stand-in output
+
+    recipe = preset("relic")
+    pipe = build_pipeline(recipe, batch_size=BATCH, num_threads=THREADS, seed=0, inputs=inputs)
+    pipe.build()
+    iterations = math.ceil(pipe.epoch_size("wds") / BATCH)
+
+    def batches():
+        for _ in range(iterations):
+            out = pipe.run()
+            to_torch(out, device=torch.device("cpu"))  # the same DALI -> torch copy as ours
+            yield None
+
+    torch.set_num_threads(1)
+    result = _timed(batches(), BATCH)
+    result["tree_rss_mb"] = sampler.stop()
+    return result
+
+
+def run_reader(shards: str) -> dict:
+    from pipeline.reader import ShardReader
+
+    reader = ShardReader(shards, batch_size=BATCH, seed=0)
+    n = 0
+    start = time.perf_counter()
+    for batch in reader.epoch(0):
+        n += len(batch.images)
+    seconds = time.perf_counter() - start
+    return {"samples": n, "seconds": round(seconds, 3), "samples_per_s": n / seconds}
+
+
+def build(root: Path, count: int) -> tuple[str, str]:
+    """1x and 4x shard sets under ``root`` (built once; reused when present)."""
+    from pipeline.shards.build import build_shards
+    from pipeline.shards.manifest import ShardInfo, load_manifest, save_manifest
+
+    one, four = root / f"photos{count}", root / f"photos{count}_x4"
+    if not (one / "manifest.json").exists():
+        build_shards(
+            f"builtin:photos?count={count}", str(one), max_samples=max(count // 4, 1), index=True, workers=2,
+            progress=False,
+        )  # fmt: skip
+    if not (four / "manifest.json").exists():
+        four.mkdir(parents=True, exist_ok=True)
+        manifest = load_manifest(str(one))
+        shards = []
+        for copy in range(4):
+            for s in manifest.shards:
+                name = f"copy{copy}-{s.name}"
+                shutil.copyfile(one / s.name, four / name)
+                index = None
+                if s.index:
+                    index = f"copy{copy}-{s.index}"
+                    shutil.copyfile(one / s.index, four / index)
+                shards.append(
+                    ShardInfo(name=name, samples=s.samples, bytes=s.bytes, sha256=s.sha256, index=index)
+                )
+        manifest.shards = shards
+        save_manifest(manifest, str(four))
+    return str(one), str(four)
+
+
+def main() -> None:
+    args = parser("pipeline", __doc__).parse_args()
+    count = 300 if args.quick else 1000
+    cache = Path(os.environ.get("RELIC_BENCH_CACHE", tempfile.gettempdir())) / "relic-bench-pipeline"
+    cache.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    one, four = build(cache, count)
+    print(f"shards: {one} ({count} photos) and 4x copy, ready in {time.perf_counter() - t:.1f} s")
+
+    contenders = {
+        "ours": measure_child(run_ours, one),
+        "torchvision": measure_child(run_torchvision, one),
+        "dali_native": measure_child(run_dali_native, one),
+        "ours_4x": measure_child(run_ours, four),
+        "reader": measure_child(run_reader, one),
+    }
+    rows = [
+        {"contender": name, **{k: v for k, v in r.items() if k != "stats"}} for name, r in contenders.items()
+    ]
+    print_table(
+        rows,
+        ["contender", "pairs_per_s", "samples_per_s", "seconds", "peak_rss_mb", "tree_rss_mb"],
+        title=f"relic recipe (2 x 224 views), batch {BATCH}, {THREADS} threads/workers, {count} photos",
+    )
+    ours, tv, native, x4 = (contenders[k] for k in ("ours", "torchvision", "dali_native", "ours_4x"))
+    headline = {
+        "speedup_vs_torchvision": ours["pairs_per_s"] / tv["pairs_per_s"],
+        "ratio_vs_dali_native": ours["pairs_per_s"] / native["pairs_per_s"],
+        "rss_growth_4x": x4["tree_rss_mb"] / ours["tree_rss_mb"],
+        "reader_samples_per_s": contenders["reader"]["samples_per_s"],
+    }
+    print_table([headline], list(headline), title="headline")
+    write_results(
+        args.out, headline, contenders, photos=count, batch_size=BATCH, threads=THREADS, quick=args.quick
+    )
+
+
+if __name__ == "__main__":
+    main()
