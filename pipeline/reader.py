@@ -851,8 +851,12 @@ class ShardReader:
                     yield base + ordinal - start, sample
             base += stop - start
 
-    def _read_shard(self, shard: int, ordinals: np.ndarray) -> Iterator[tuple[int, _Sample | None]]:
-        """Samples ``ordinals`` (sorted) of one shard, streamed; ``None`` for each bad one."""
+    def _read_shard(
+        self, shard: int, ordinals: np.ndarray, attempt: int = 0
+    ) -> Iterator[tuple[int, _Sample | None]]:
+        """Samples ``ordinals`` (sorted) of one shard, streamed; ``None`` for each bad one. A read error
+        of the storage (``OSError``: connection reset, timeout) mid-shard re-opens the shard, with
+        backoff, at the first sample not yet handed out; a broken tar does not."""
         name = self.manifest.shards[shard].name
         wanted_ordinals = set(ordinals.tolist())
         last = int(ordinals[-1])
@@ -906,14 +910,20 @@ class ShardReader:
             for o in ordinals:
                 yield int(o), None
             return
-        if errors:
-            self._log_once(
-                "truncated_tar", name, f"sample #{seen}", f"{type(errors[0]).__name__}: {errors[0]}"
-            )
         if group is not None and not (errors and group_ordinal == seen):  # else the tar broke inside it
             yield from self._gaps(shard, delivered, group_ordinal, wanted_ordinals)
             yield group_ordinal, self._finish(name, group)
             delivered = group_ordinal
+        if errors and isinstance(errors[0], OSError) and attempt < self.max_open_retries:
+            delay = self.retry_delay * 2**attempt
+            log.info("re-opening %s at sample %d in %.1fs after %r", name, delivered + 1, delay, errors[0])
+            time.sleep(delay)
+            yield from self._read_shard(shard, ordinals[ordinals > delivered], attempt + 1)
+            return
+        if errors:
+            self._log_once(
+                "truncated_tar", name, f"sample #{seen}", f"{type(errors[0]).__name__}: {errors[0]}"
+            )
         # Ordinals the tar never completed: missing members if the tar went on past them (and did not
         # break there), else the tar is shorter than the manifest says or broke.
         rest = [o for o in ordinals.tolist() if o > delivered]

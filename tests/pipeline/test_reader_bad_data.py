@@ -312,3 +312,49 @@ def test_sample_without_label_member_is_kept_with_minus_one(tmp_path):
     assert batch.labels.tolist() == [0, 1, -1]
     assert reader.stats["bad_label"] == 1
     assert json.loads(members[1][1])["label"] == 0
+
+
+def test_read_error_mid_shard_reopens_and_loses_nothing(tmp_path, monkeypatch):
+    """A storage read error (OSError) in the middle of a shard: re-open at the next sample, no skips."""
+    import pipeline.reader as reader_mod
+
+    url = make_shard_set(tmp_path, [[m for i in range(12) for m in sample_members(i)]], [12])
+    reference = epoch_batches(ShardReader(url, batch_size=4, shuffle_buffer=5), 0)
+    real_gopen = reader_mod.wds_gopen.gopen
+    opened = []
+
+    class Flaky(io.RawIOBase):
+        def __init__(self, f, fail_at):
+            self.f, self.fail_at = f, fail_at
+
+        def readable(self):
+            return True
+
+        def seekable(self):
+            return True
+
+        def seek(self, *args):
+            return self.f.seek(*args)
+
+        def read(self, n=-1):
+            if self.f.tell() + max(n, 0) > self.fail_at:
+                raise ConnectionResetError("connection reset by peer")
+            return self.f.read(n)
+
+        def close(self):
+            self.f.close()
+
+    def flaky_gopen(u, mode="rb", **kw):
+        f = real_gopen(u, mode, **kw)
+        opened.append(u)
+        # First two opens fail after ~1/3 and ~2/3 of the shard; the third reads through.
+        size = (tmp_path / "shard-000000.tar").stat().st_size
+        return Flaky(f, size * len(opened) // 3) if len(opened) < 3 else f
+
+    monkeypatch.setattr(reader_mod.wds_gopen, "gopen", flaky_gopen)
+    reader = ShardReader(url, batch_size=4, shuffle_buffer=5, retry_delay=0.0)
+    got = epoch_batches(reader, 0)
+    assert len(opened) == 3
+    assert [b.keys for b in got] == [b.keys for b in reference]
+    assert [b.images for b in got] == [b.images for b in reference]
+    assert sum(reader.stats[r] for r in SKIP_REASONS) == 0
