@@ -547,8 +547,11 @@ def _plain_tar_members(head: bytes, stream, select) -> Iterator[tuple[str, bytes
             return  # end-of-archive marker
         (stored,) = struct.unpack_from("8s", head, 148)
         checksum = sum(head) - sum(stored) + 8 * 32
-        if _octal(stored, offset) != checksum:
-            raise TarFormatError(f"bad header checksum at byte {offset}")
+        expected = _octal(stored, offset)
+        if expected != checksum and expected != checksum - 256 * sum(
+            b > 127 for b in head[:148] + head[156:]
+        ):
+            raise TarFormatError(f"bad header checksum at byte {offset}")  # (the second: signed sum)
         size = int(pax["size"]) if "size" in pax else _octal(head[124:136], offset)
         kind = head[156:157]
         padded = size + (-size % _BLOCK)
@@ -567,7 +570,7 @@ def _plain_tar_members(head: bytes, stream, select) -> Iterator[tuple[str, bytes
                 name = long_name
             else:
                 name = head[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                if head[257:262] == b"ustar" and head[345] != 0:
+                if head[257:265] == b"ustar\x0000" and head[345] != 0:  # POSIX prefix (not GNU's atime)
                     prefix = head[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                     name = f"{prefix}/{name}"
             long_name, pax = None, {}

@@ -284,7 +284,12 @@ def test_tar_members_matches_webdataset_on_long_names_pax_and_meta(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = 3
             tar.addfile(info, io.BytesIO(b"abc"))
-    for p in (path, pax):
+    ustar = tmp_path / "ustar.tar"  # a 150-character path: split into the POSIX prefix and name fields
+    with tarfile.open(ustar, "w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("u/" * 70 + "k.jpg")
+        info.size, info.mtime = 3, 1_000_000_000
+        tar.addfile(info, io.BytesIO(b"abc"))
+    for p in (path, pax, ustar):
         with open(p, "rb") as f:
             ours = list(tar_members(f))
         with open(p, "rb") as f:
