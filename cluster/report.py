@@ -274,7 +274,13 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
         f"Three encoders with the same architecture ({model.get('arch')}, small_stem="
         f"{model.get('small_stem')}): one randomly initialised and never trained, and "
         + " and ".join(f"{e['label']}" for e in trained)
-        + f", each pretrained for {schedule.get('epochs')} epochs ({trained[0]['steps'] if trained else 0} steps) "
+        + f", each pretrained for {trained[0]['steps'] if trained else 0} optimiser steps ("
+        + (
+            f"{schedule.get('epochs')} epochs"
+            if not cfg.get("run", {}).get("max_steps")
+            else f"schedule of {schedule.get('epochs')} epochs cut at run.max_steps"
+        )
+        + ") "
         f"on the training split with Ray Train ({scaling.get('num_workers')} CPU workers, global batch "
         f"{data_cfg.get('global_batch_size')}), views preset `{views.get('preset')}` {views.get('options') or ''}, "
         f"temperature {objective.get('temperature')}, optimiser {optim.get('name')} (base lr {optim.get('base_lr')})."
@@ -349,15 +355,10 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
     out.append("")
     out.append("![clean vs corrupted accuracy per encoder](robustness.png)")
     out.append("")
-    t = metrics["timings"]
-    out.append(
-        "Wall time: "
-        + ", ".join(
-            f"{k.removesuffix('_s')} {v:.0f} s" if isinstance(v, (int, float)) else f"{k} {v}"
-            for k, v in _flat(t)
-        )
-        + "."
+    timings = ", ".join(
+        f"{k.replace('_s', '').replace('.', ' ')} {v:.0f} s" for k, v in _flat(metrics["timings"])
     )
+    out.append(f"Wall time: {timings}.")
     out.append("")
     out.append("Every number above is in `metrics.json` beside this file.")
     out.append("")

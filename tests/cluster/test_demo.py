@@ -1,0 +1,143 @@
+"""`relic demo`: the report's numbers come from the encoders, and a reduced demo runs end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cluster import demo, report
+from cluster.evaluate_cli import load_labelled_images
+from training.model import build_encoder
+
+REPO = Path(__file__).resolve().parents[2]
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(scope="module")
+def eval_data(digits_shards):
+    x, y = load_labelled_images(digits_shards, size=16, max_samples=500)
+    return demo.EvalData(
+        train=(x[:300], y[:300]), val=(x[300:380], y[300:380]), test=(x[380:], y[380:]), mean=MEAN, std=STD
+    )
+
+
+def test_report_numbers_are_computed_from_the_encoder(eval_data):
+    """Zeroing the encoder's weights must move every accuracy to chance: nothing is copied."""
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18").eval()
+    zeroed = copy.deepcopy(encoder)
+    with torch.no_grad():
+        for p in zeroed.parameters():
+            p.zero_()
+    evals = demo.evaluate_encoders({"random": encoder, "zeroed": zeroed}, eval_data, severities=(1,))
+    for name in ("random", "zeroed"):
+        entry = demo.encoder_entry(name, None, evals[name], None, 0)
+        metrics = {**_metrics_shell([1]), "encoders": {name: entry}}
+        assert report.check_metrics(metrics) == []
+    good, bad = evals["random"], evals["zeroed"]
+    # random ResNet features of digits are informative (pixels almost are); constant features are not
+    assert good["knn"] > 0.6 and good["linear"] > 0.6 and good["knn_val"] > 0.6
+    for key in ("knn", "linear", "knn_corrupted", "linear_corrupted", "knn_val"):
+        assert bad[key] < 0.3, (key, bad[key])
+        assert good[key] - bad[key] > 0.3, key
+    assert set(good["robustness"]["knn"]) == set(good["knn_per_corruption"])
+
+
+def test_history_keeps_the_latest_report_per_step_and_knn_per_epoch():
+    reports = [
+        {"step": 5, "epoch": 0, "loss": 5.0, "contrastive": 4.9, "invariance": 0.1},
+        {"step": 10, "epoch": 0, "loss": 4.0, "contrastive": 3.9, "invariance": 0.1, "knn_accuracy": 0.5},
+        {
+            "step": 10,
+            "epoch": 0,
+            "loss": 4.5,
+            "contrastive": 4.4,
+            "invariance": 0.1,
+            "knn_accuracy": 0.6,
+        },  # rerun
+        {"step": 20, "epoch": 1, "loss": 3.0, "contrastive": 2.9, "invariance": 0.05, "knn_accuracy": 0.7},
+    ]
+    h = demo.history_from_reports(reports)
+    assert h["step"] == [5, 10, 20] and h["loss"] == [5.0, 4.5, 3.0]
+    assert h["knn_epoch"] == [1, 2] and h["knn_acc"] == [0.6, 0.7]
+
+
+def _metrics_shell(severities):
+    from training.evaluate import CORRUPTIONS
+
+    return {
+        "schema": report.SCHEMA,
+        "created": "now",
+        "git_sha": None,
+        "config": {},
+        "selection": {},
+        "data": {},
+        "corruptions": list(CORRUPTIONS),
+        "severities": severities,
+        "timings": {},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_reduced_demo_runs_end_to_end_and_writes_a_complete_report(tmp_path):
+    """`relic demo --quick` in a fresh process: shards, two Ray Train runs, evaluation, report."""
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "demo",
+            "--quick",
+            "--out",
+            str(out),
+            "--max-train",
+            "200",
+            "--max-test",
+            "60",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("report: ") and str(out / "report" / "report.md") in lines[-1]
+    assert any("[2/4] training" in line for line in lines) and any(
+        "relic_alpha0: step" in line for line in lines
+    )
+
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert report.check_metrics(metrics) == []
+    assert list(metrics["encoders"]) == ["random", "relic_alpha0", "relic"]
+    assert metrics["data"]["test"] == 60 and metrics["data"]["train"] == 200
+    assert metrics["severities"] == [1, 5]
+    alpha0, relic = metrics["encoders"]["relic_alpha0"], metrics["encoders"]["relic"]
+    assert alpha0["alpha"] == 0 and relic["alpha"] > 0
+    assert alpha0["steps"] == relic["steps"] == 1258 // 64  # same budget: one epoch (--quick)
+    assert alpha0["history"]["knn_epoch"] == relic["history"]["knn_epoch"] == [1]
+    assert relic["final_invariance"] > 0
+    for name in ("losses.png", "robustness.png"):
+        with Image.open(out / "report" / name) as img:
+            img.load()
+            assert img.format == "PNG" and img.width > 400
+    text = (out / "report" / "report.md").read_text()
+    for enc in metrics["encoders"].values():
+        assert enc["label"] in text and f"{100 * enc['knn']:.1f}" in text
+    # the run directories hold what relic train writes: resolved config and checkpoints
+    for name in ("relic_alpha0", "relic"):
+        assert (out / name / "config.yaml").exists()
+        assert any(p.name.startswith("checkpoint-") for p in (out / name).iterdir())
