@@ -7,9 +7,10 @@ How a build runs (every step deterministic in the inputs and ``seed``, never in 
 2. The shuffled list is cut into *chunks* of ``max_samples`` items. Each chunk is one task for a worker
    process, which reads, checks and (if needed) re-encodes its images one at a time and streams them
    into a tar file: memory holds one image per worker whatever the dataset size.
-3. Without ``max_bytes`` chunk ``j`` becomes shard ``j`` and the worker publishes it itself. With
-   ``max_bytes`` a chunk may become several shards; the main process numbers and publishes them in
-   chunk order.
+3. Without ``max_bytes`` chunk ``j`` becomes shard ``j`` and the worker publishes it itself (a chunk
+   whose every input is rejected leaves a gap in the numbering; the manifest lists the real names).
+   With ``max_bytes`` a chunk may become several shards; the main process numbers and publishes them
+   in chunk order. Parallelism is across chunks, so a build needs >= 2 shards per worker to use them.
 4. Publishing is atomic: a temporary name then ``os.replace`` locally; one whole-object upload on
    object stores. After each chunk a small *receipt* (its shards with sha256, its rejects, a digest of
    its inputs and settings) goes to ``OUT/.relic-build/``. ``manifest.json`` is written last, then the
@@ -48,6 +49,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -236,12 +238,22 @@ def _init_worker(counters: tuple[Any, Any] | None) -> None:
     _counters = counters
 
 
-def _count(samples: int, nbytes: int) -> None:
-    if _counters is not None:
+_pending = [0, 0, 0.0]  # samples and bytes not yet added to the shared counters, time of last flush
+
+
+def _count(samples: int, nbytes: int, flush: bool = False) -> None:
+    """Add to the shared progress counters, at most every 0.2 s (cross-process locks are not free)."""
+    if _counters is None:
+        return
+    _pending[0] += samples
+    _pending[1] += nbytes
+    now = time.monotonic()
+    if flush or now - _pending[2] > 0.2:
         with _counters[0].get_lock():
-            _counters[0].value += samples
+            _counters[0].value += _pending[0]
         with _counters[1].get_lock():
-            _counters[1].value += nbytes
+            _counters[1].value += _pending[1]
+        _pending[:] = [0, 0, now]
 
 
 def shard_name(prefix: str, i: int) -> str:
@@ -277,6 +289,7 @@ def _put_bytes(job: Job, name: str, payload: bytes) -> None:
     if storage.is_remote(url):
         fs.pipe_file(path, payload)
     else:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(payload)
@@ -315,7 +328,7 @@ def run_chunk(job: Job, task: Task, first_shard: int | None) -> dict:
     otherwise leaves the parts at temporary paths for the main process to number and publish."""
     if _reusable(job, task):
         assert task.receipt is not None
-        _count(len(task.items), sum(s["bytes"] for s in task.receipt["shards"]))
+        _count(len(task.items), sum(s["bytes"] for s in task.receipt["shards"]), flush=True)
         return {**task.receipt, "reused": True}
     parts: list[Part] = []
     rejected: list[list[str]] = []
@@ -353,6 +366,9 @@ def run_chunk(job: Job, task: Task, first_shard: int | None) -> dict:
             except OSError as e:
                 rejected.append([item.input, f"unreadable: {e.strerror or e}"])
                 continue
+            except Exception as e:  # e.g. a store's client error: this input is lost, not the build
+                rejected.append([item.input, f"unreadable: {type(e).__name__}: {e}"])
+                continue
             try:
                 jpeg, original, reencoded = prepare_image(raw, max_side=job.max_side, quality=job.quality)
             except RejectedInput as e:
@@ -382,6 +398,7 @@ def run_chunk(job: Job, task: Task, first_shard: int | None) -> dict:
             _count(1, size)
         if writer is not None:
             close_part()
+        _count(0, 0, flush=True)
     except BaseException:
         if fileobj is not None:
             fileobj.close()
@@ -667,7 +684,7 @@ def _run_tasks(
                     for fut in pending:
                         fut.cancel()
                     raise
-    except cf.process.BrokenProcessPool as e:
+    except BrokenProcessPool as e:
         raise BuildError(
             f"a worker process died ({e}); {len(results)} of {len(tasks)} chunks finished and were "
             f"kept in {job.out}. Re-run the same command to resume."

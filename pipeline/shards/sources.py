@@ -70,7 +70,7 @@ class SourceError(ValueError):
     """SOURCE cannot be used at all (missing, empty, malformed list); the message says why."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     input: str  # the input as the user would name it: a path, "list.csv:12", "builtin:digits#5"
     label: int | None
@@ -97,9 +97,10 @@ class Reader:
 @dataclass
 class FileReader(Reader):
     options: dict[str, Any] = field(default_factory=dict)
+    base: str | None = None  # refs are relative to this directory (local path or URL) when set
 
     def __call__(self, ref: str | int) -> bytes:
-        ref = str(ref)
+        ref = str(ref) if self.base is None else f"{self.base}/{ref}"
         if storage.is_remote(ref):
             with storage.open_url(ref, "rb", self.options) as f:
                 return f.read()
@@ -168,37 +169,53 @@ def open_source(
 
 
 def _folder_source(spec: str, fs: Any, root: str, options: dict[str, Any]) -> Source:
+    """Items carry the path relative to the root once (input and ref share the string): a listing of
+    millions of files costs one short string and one small object per file."""
     remote = storage.is_remote(spec)
-    scheme = spec.split("://", 1)[0] + "://" if remote else ""
     root = root.rstrip("/")
-    entries = sorted(fs.ls(root, detail=True), key=lambda e: e["name"])
-    class_dirs = [e["name"].rstrip("/") for e in entries if e["type"] == "directory"]
+    if remote:
+        entries = sorted(fs.ls(root, detail=True), key=lambda e: e["name"])
+        top_files = [e["name"][len(root) + 1 :] for e in entries if e["type"] == "file"]
+        class_names = [e["name"].rstrip("/")[len(root) + 1 :] for e in entries if e["type"] == "directory"]
+
+        def files_below(name: str) -> list[str]:
+            return sorted(p[len(root) + 1 :] for p in fs.find(f"{root}/{name}"))
+
+        base = spec.split("://", 1)[0] + "://" + root
+    else:
+        with os.scandir(root) as it:
+            entries = sorted((e.name, e.is_dir()) for e in it)
+        top_files = [n for n, is_dir in entries if not is_dir]
+        class_names = [n for n, is_dir in entries if is_dir]
+
+        def files_below(name: str) -> list[str]:
+            return sorted(_walk_local(root, name))
+
+        base = root
     items: list[Item] = []
     rejected: list[tuple[str, str]] = []
-
-    def rel(p: str) -> str:
-        return os.path.relpath(p, root) if not remote else p[len(root) + 1 :]
-
-    if not class_dirs:
-        for e in entries:
-            if e["type"] == "file":
-                items.append(Item(rel(e["name"]), None, scheme + e["name"]))
+    if not class_names:
+        items = [Item(rel, None, rel) for rel in top_files]
         classes = None
     else:
-        classes = [posix_basename(d) for d in class_dirs]
-        for e in entries:
-            if e["type"] == "file":
-                rejected.append((rel(e["name"]), "file outside any class folder"))
-        for label, d in enumerate(class_dirs):
-            for p in sorted(fs.find(d)):
-                items.append(Item(rel(p), label, scheme + p))
+        classes = class_names
+        rejected = [(rel, "file outside any class folder") for rel in top_files]
+        for label, name in enumerate(class_names):
+            items.extend(Item(rel, label, rel) for rel in files_below(name))
     if not items:
         raise SourceError(f"SOURCE {spec} holds no files")
-    return Source(spec, items, classes, FileReader(options), rejected)
+    return Source(spec, items, classes, FileReader(options, base), rejected)
 
 
-def posix_basename(p: str) -> str:
-    return p.rstrip("/").rsplit("/", 1)[-1]
+def _walk_local(root: str, rel_dir: str):
+    """Relative paths of the files below ``root/rel_dir`` (recursively), '/'-separated."""
+    with os.scandir(os.path.join(root, rel_dir)) as it:
+        for e in it:
+            rel = f"{rel_dir}/{e.name}"
+            if e.is_dir():
+                yield from _walk_local(root, rel)
+            else:
+                yield rel
 
 
 def _list_source(spec: str, fs: Any, path: str, options: dict[str, Any]) -> Source:
