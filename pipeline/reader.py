@@ -701,8 +701,11 @@ class ShardReader:
     """Fixed-size batches of encoded images + labels for one rank of one epoch (policy: module doc).
 
     ``manifest_url``: ``manifest.json`` or its directory, local or any fsspec URL (s3:// ...);
-    ``storage_options``: fsspec options for remote shards (endpoint, profile). ``stats`` is cumulative
-    over the reader's life; see ``SKIP_REASONS``.
+    ``storage_options``: fsspec options for remote shards (endpoint, profile); ``num_workers``: reading
+    threads, each with its own ``shuffle_buffer`` (in samples) and ``prefetch`` ready batches;
+    ``validate``: ``True``/``"cheap"``, ``"decode"`` or ``False`` (module doc); a shard that fails to
+    open is retried ``max_open_retries`` times, waiting ``retry_delay`` seconds, doubled each time.
+    ``stats`` is cumulative over the reader's life; see ``SKIP_REASONS``.
     """
 
     def __init__(
@@ -1050,20 +1053,23 @@ def _round_robin(
     stop = threading.Event()
     done = object()
 
+    def put(q: queue.Queue, item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer is gone
+
     def run(stream: Iterator[RawBatch], q: queue.Queue) -> None:
         try:
             for item in stream:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(q, item):
                     return
-            q.put(done)
+            put(q, done)
         except BaseException as e:  # handed to the consumer, re-raised there
-            q.put(e)
+            put(q, e)
 
     threads = [
         threading.Thread(target=run, args=(s, q), name=f"shard-reader-{w}", daemon=True)

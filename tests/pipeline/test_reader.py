@@ -350,3 +350,18 @@ def test_dali_index_seek_skips_headers_and_changes_nothing(digits_shards, monkey
             results[current] = [(b.keys, b.images) for b in reader.epoch(2, start)]
         assert results["index"] == results["plain"] == results["stale"]
     assert headers["index"] < headers["plain"] - 100
+
+
+def test_abandoning_a_threaded_epoch_stops_its_workers_quickly(clean_set):
+    import threading
+    import time
+
+    reader = ShardReader(clean_set, batch_size=32, num_workers=3, prefetch=1)  # one batch per worker
+    before = threading.active_count()
+    epoch = reader.epoch(0)
+    next(epoch)
+    time.sleep(0.2)  # let the workers fill their queues and block
+    start = time.perf_counter()
+    epoch.close()
+    assert time.perf_counter() - start < 2
+    assert threading.active_count() == before
