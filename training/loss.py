@@ -64,7 +64,7 @@ def relic_loss(
     every target view (``offset`` = this worker's first sample in the gathered contrast set; rows
     beyond the gathered batch, e.g. a queue, are negatives only).
 
-    Cost: one [(Vo-1)B, D] x [D, M] matmul per target view; the invariance over all |P|(|P|-1)
+    Cost: one batched matmul [Vt, (Vo-1)B, D] x [Vt, D, M]; the invariance over all |P|(|P|-1)
     ordered pairs is computed from per-pair sums, with no loop over pairs:
     ``sum_{B != A} log q_B = (sum_B log q_B) - log q_A``.
     """
@@ -90,14 +90,14 @@ def relic_loss(
             f"(M={contrast} target rows, B={batch} anchors), got {offset!r}"
         )
 
-    online_n = F.normalize(torch.stack(list(online)), dim=-1)  # [Vo, B, D]
-    logits = []
-    for t in range(num_target):
-        others = [o for o in range(num_online) if o != t]
-        anchors = online_n[others].reshape(-1, dim)  # [(Vo-1) B, D], rows ordered (o, i)
-        logits.append(anchors @ F.normalize(target[t], dim=-1).T)  # [(Vo-1) B, M]
-    num_pairs = num_target * (num_online - 1)
-    log_p = torch.log_softmax(torch.cat(logits).view(num_pairs, batch, contrast) / temperature, dim=-1)
+    # 1/temperature is folded into the [Vo, B, D] anchors rather than applied to the [P, B, M] logits.
+    anchors = F.normalize(torch.stack(list(online)), dim=-1) / temperature  # [Vo, B, D]
+    pairs = view_pairs(num_online, num_target)  # t-major: Vt blocks of Vo - 1 anchor views
+    anchors = anchors[[o for o, _ in pairs]].view(num_target, (num_online - 1) * batch, dim)
+    targets = F.normalize(torch.stack(list(target)), dim=-1)  # [Vt, M, D]
+    logits = torch.bmm(anchors, targets.transpose(1, 2))  # [Vt, (Vo-1) B, M]
+    num_pairs = len(pairs)
+    log_p = torch.log_softmax(logits.view(num_pairs, batch, contrast), dim=-1)
 
     anchor = torch.arange(batch, device=log_p.device)
     contrastive = -log_p[:, anchor, anchor + offset].mean()
