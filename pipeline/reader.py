@@ -801,35 +801,38 @@ class ShardReader:
         needed = np.zeros(n, dtype=bool)
         needed[order[first_slot:]] = True
         positions = self._read_positions(spans, needed)
-        held: dict[int, _Sample | None] = {}
-        pending: list[list[_Sample | None]] = []  # batches without any good sample, waiting for one
-        last_goods: list[_Sample] = []
-        slots: list[_Sample | None] = []
-        for j in range(first_slot, n):
-            p = int(order[j])
-            while p not in held:
-                pos, sample = next(positions)
-                held[pos] = sample
-            slots.append(held.pop(p))
-            if len(slots) < bsz:
-                continue
-            goods = [s for s in slots if s is not None]
-            if goods:
-                for waiting in pending:
-                    yield self._filled(waiting, goods)
-                pending.clear()
-                last_goods = goods
-                yield self._filled(slots, goods)
-            else:
-                pending.append(slots)
-            slots = []
-        for waiting in pending:
-            if not last_goods:
-                raise RuntimeError(
-                    f"rank {self.rank} worker {worker} found no readable sample in epoch {epoch} "
-                    f"(shards {[self.manifest.shards[s].name for s, _, _ in spans]}): see the logged errors"
-                )
-            yield self._filled(waiting, last_goods)
+        try:
+            held: dict[int, _Sample | None] = {}
+            pending: list[list[_Sample | None]] = []  # batches without any good sample, waiting for one
+            last_goods: list[_Sample] = []
+            slots: list[_Sample | None] = []
+            for j in range(first_slot, n):
+                p = int(order[j])
+                while p not in held:
+                    pos, sample = next(positions)
+                    held[pos] = sample
+                slots.append(held.pop(p))
+                if len(slots) < bsz:
+                    continue
+                goods = [s for s in slots if s is not None]
+                if goods:
+                    for waiting in pending:
+                        yield self._filled(waiting, goods)
+                    pending.clear()
+                    last_goods = goods
+                    yield self._filled(slots, goods)
+                else:
+                    pending.append(slots)
+                slots = []
+            for waiting in pending:
+                if not last_goods:
+                    raise RuntimeError(
+                        f"rank {self.rank} worker {worker} found no readable sample in epoch {epoch} "
+                        f"(shards {[self.manifest.shards[s].name for s, _, _ in spans]}): see the logged errors"
+                    )
+                yield self._filled(waiting, last_goods)
+        finally:
+            positions.close()  # the shard being read, if the epoch ended or was abandoned in it
 
     def _filled(self, slots: list[_Sample | None], goods: list[_Sample]) -> RawBatch:
         filled, out = 0, []

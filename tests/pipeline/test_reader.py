@@ -353,11 +353,12 @@ def test_dali_index_seek_skips_headers_and_changes_nothing(digits_shards, monkey
 
 
 def test_abandoning_a_threaded_epoch_stops_its_workers_quickly(clean_set):
+    import os
     import threading
     import time
 
     reader = ShardReader(clean_set, batch_size=32, num_workers=3, prefetch=1)  # one batch per worker
-    before = threading.active_count()
+    before, files = threading.active_count(), len(os.listdir("/proc/self/fd"))
     epoch = reader.epoch(0)
     next(epoch)
     time.sleep(0.2)  # let the workers fill their queues and block
@@ -365,3 +366,4 @@ def test_abandoning_a_threaded_epoch_stops_its_workers_quickly(clean_set):
     epoch.close()
     assert time.perf_counter() - start < 2
     assert threading.active_count() == before
+    assert len(os.listdir("/proc/self/fd")) == files  # no shard left open
