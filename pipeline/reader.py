@@ -1073,6 +1073,8 @@ def _round_robin(
             put(q, done)
         except BaseException as e:  # handed to the consumer, re-raised there
             put(q, e)
+        finally:
+            stream.close()  # type: ignore[attr-defined]  # a generator: closes its open shard
 
     threads = [
         threading.Thread(target=run, args=(s, q), name=f"shard-reader-{w}", daemon=True)
