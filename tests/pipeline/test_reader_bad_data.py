@@ -363,3 +363,21 @@ def test_read_error_mid_shard_reopens_and_loses_nothing(tmp_path, monkeypatch):
     assert [b.keys for b in got] == [b.keys for b in reference]
     assert [b.images for b in got] == [b.images for b in reference]
     assert sum(reader.stats[r] for r in SKIP_REASONS) == 0
+
+
+@pytest.mark.parametrize("validate", ["decode", False])
+def test_validate_modes_on_the_bad_set(bad_set, validate):
+    """``"decode"`` agrees with the cheap check here; ``False`` lets corrupt bytes through (for loaders
+    that decode with their own fallback) but still skips missing/empty images and broken tars."""
+    url, good, expected = bad_set
+    reader = reader_for(url, validate=validate)
+    keys = set(keys_of(epoch_batches(reader, 0)))
+    if validate == "decode":
+        assert keys == good and {r: reader.stats[r] for r in SKIP_REASONS} == expected
+    else:
+        let_through = {
+            f"{i:09d}" for i, (reason, _) in DEFECTS.items() if reason not in ("missing_image", "empty_image")
+        }
+        assert keys == good | let_through
+        assert reader.stats["corrupt_image"] == reader.stats["wrong_format"] == 0
+        assert reader.stats["truncated_tar"] == 4 and reader.stats["unreadable_shard"] == 15
