@@ -187,6 +187,11 @@ def build_train_state(
     if model is None:
         model = build_model(model_cfg)
     if model_cfg.sync_batchnorm:
+        if device.type == "cpu" and distributed.world_size() > 1:
+            raise ValueError(
+                "model.sync_batchnorm: expected a CUDA device (PyTorch synchronises BatchNorm only on "
+                f"GPUs), got device {device} with {distributed.world_size()} processes; set it to false"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     target = EMATarget(model) if objective_cfg.target == "ema" else None
