@@ -43,6 +43,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import struct
 import sys
 import tarfile
 import tempfile
@@ -77,15 +78,119 @@ class RejectedInput(Exception):
 # ---------------------------------------------------------------- images
 
 
+@dataclass(frozen=True)
+class JpegInfo:
+    sof: int  # the frame marker: 0xC0 baseline, 0xC2 progressive, ...
+    precision: int
+    width: int
+    height: int
+    components: int
+    orientation: int  # EXIF orientation, 1 when absent
+
+
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_info(data: bytes) -> JpegInfo | None:
+    """Frame type, size, components and EXIF orientation from a JPEG's marker segments (ITU T.81
+    B.1.1; EXIF 2.3 4.6.4), reading headers only, about ten times faster than ``PIL.Image.open``.
+    ``None`` when the stream is anything but a plain marker sequence: the caller then asks PIL."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    pos, sof, orientation = 2, None, 1
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+            pos += 2
+            continue
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        seg = pos + 4
+        end = pos + 2 + length
+        if length < 2 or end > n:
+            return None
+        if marker in _SOF_MARKERS:
+            if length < 8:
+                return None
+            sof = JpegInfo(
+                marker,
+                data[seg],
+                (data[seg + 3] << 8) | data[seg + 4],
+                (data[seg + 1] << 8) | data[seg + 2],
+                data[seg + 5],
+                1,
+            )
+        elif marker == 0xE1 and data[seg : seg + 6] == b"Exif\0\0":
+            orientation = _exif_orientation(data, seg + 6, end)
+            if orientation is None:
+                return None
+        elif marker == 0xDA:  # start of scan: headers are over
+            if sof is None or sof.width == 0 or sof.height == 0:
+                return None
+            return dataclasses.replace(sof, orientation=orientation)
+        pos = end
+    return None
+
+
+def _exif_orientation(data: bytes, tiff: int, end: int) -> int | None:
+    """The Orientation tag (0x0112) of IFD0, 1 when absent; ``None`` when the block is malformed."""
+    if end - tiff < 8:
+        return None
+    order = data[tiff : tiff + 2]
+    if order not in (b"II", b"MM"):
+        return None
+    fmt = "<" if order == b"II" else ">"
+    (ifd,) = struct.unpack_from(fmt + "I", data, tiff + 4)
+    start = tiff + ifd
+    if start + 2 > end:
+        return None
+    (count,) = struct.unpack_from(fmt + "H", data, start)
+    for i in range(count):
+        entry = start + 2 + 12 * i
+        if entry + 12 > end:
+            return None
+        tag, kind = struct.unpack_from(fmt + "HH", data, entry)
+        if tag == EXIF_ORIENTATION:
+            return struct.unpack_from(fmt + "H", data, entry + 8)[0] if kind == 3 else None
+    return 1
+
+
 def prepare_image(
     data: bytes | Image.Image, *, max_side: int | None = None, quality: int = 95
 ) -> tuple[bytes, tuple[int, int], bool]:
-    """``(jpeg_bytes, original_size, reencoded)`` for one input; raises :class:`RejectedInput`."""
+    """``(jpeg_bytes, original_size, reencoded)`` for one input; raises :class:`RejectedInput`.
+
+    Kept byte for byte: an 8-bit, 3-component, baseline (SOF0) JPEG within ``max_side``, without EXIF
+    rotation, ending in an EOI marker (a cheap completeness check; ``relic shards verify --decode``
+    decodes everything). Anything else is decoded by PIL and re-encoded."""
     if isinstance(data, Image.Image):
         original = tuple(data.info.get("original_size", data.size))
         return _encode(data, max_side, quality), original, True  # type: ignore[return-value]
     if not data:
         raise RejectedInput("empty file (0 bytes)")
+    info = jpeg_info(data)
+    if (
+        info is not None
+        and info.sof == 0xC0
+        and info.precision == 8
+        and info.components == 3
+        and info.orientation == 1
+        and (max_side is None or max(info.width, info.height) <= max_side)
+    ):
+        # A complete JPEG ends with the EOI marker (maybe followed by a little padding). Without it,
+        # decode fully to tell trailing junk from a truncated file.
+        if b"\xff\xd9" not in data[-64:]:
+            try:
+                with Image.open(io.BytesIO(data)) as img:
+                    img.load()
+            except Exception as e:
+                raise RejectedInput(f"truncated or corrupt image: {e}") from None
+        return data, (info.width, info.height), False
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -95,22 +200,6 @@ def prepare_image(
     w, h = img.size
     if w == 0 or h == 0:
         raise RejectedInput(f"image has zero size {w}x{h}")
-    if (
-        img.format == "JPEG"
-        and img.mode == "RGB"
-        and not img.info.get("progressive")
-        and not img.info.get("progression")
-        and (max_side is None or max(w, h) <= max_side)
-        and img.getexif().get(EXIF_ORIENTATION, 1) == 1
-    ):
-        # Cheap structural check: a complete JPEG ends with the EOI marker (maybe followed by a little
-        # padding). Without it, decode fully to tell trailing junk from a truncated file.
-        if b"\xff\xd9" not in data[-64:]:
-            try:
-                img.load()
-            except Exception as e:
-                raise RejectedInput(f"truncated or corrupt image: {e}") from None
-        return data, (w, h), False
     if img.format == "JPEG" and max_side is not None and max(w, h) > max_side:
         scale = max_side / max(w, h)
         img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))  # DCT-domain pre-shrink
@@ -153,6 +242,36 @@ def _encode(img: Image.Image, max_side: int | None, quality: int) -> bytes:
 # ---------------------------------------------------------------- tar writing
 
 
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte POSIX ustar header of a regular file with our fixed metadata (mtime 0, uid/gid 0,
+    mode 0444, empty user/group names): the bytes ``tarfile.TarInfo.tobuf(USTAR_FORMAT)`` makes, built
+    directly because it runs three times per sample."""
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100 or size >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+            size,
+            0,
+            0o444,
+            0,
+            0,
+            "",
+            "",
+        )
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    head = encoded.ljust(100, b"\0") + _HEADER_MODE_IDS + b"%011o\0" % size + _HEADER_MTIME
+    tail = _HEADER_TAIL
+    chksum = sum(head) + 256 + sum(tail)  # the checksum field counts as eight spaces (0x20 * 8)
+    return head + b"%06o\0 " % chksum + tail
+
+
+_HEADER_MODE_IDS = b"0000444\0" + b"0000000\0" * 2  # mode, uid, gid
+_HEADER_MTIME = b"00000000000\0"
+_HEADER_TAIL = (b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 32 * 2 + b"\0" * 16 + b"\0" * 155).ljust(
+    512 - 148 - 8, b"\0"
+)
+
+
 class TarShardWriter:
     """Streams samples into a tar file with fixed metadata; tracks size, sha256 and DALI offsets."""
 
@@ -175,14 +294,9 @@ class TarShardWriter:
     def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
         components = []
         for ext, data in members:
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
-            components.append((ext, self.bytes, len(data), info.name))
+            name = f"{key}.{ext}"
+            self._write(ustar_header(name, len(data)))
+            components.append((ext, self.bytes, len(data), name))
             self._write(data)
             if len(data) % 512:
                 self._write(b"\0" * (512 - len(data) % 512))

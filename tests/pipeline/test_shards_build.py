@@ -256,3 +256,46 @@ def test_progress_bar_reports_rates(tmp_path, capsys):
     assert "img/s" in err and "MB/s" in err and "179/179" in err
     build_shards("builtin:digits?split=val", str(tmp_path / "quiet"), max_samples=60, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_jpeg_header_scan_agrees_with_pil():
+    from pipeline.shards.build import jpeg_info
+
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    variants = [
+        image_bytes("JPEG", seed=1),
+        image_bytes("JPEG", size=(333, 77), seed=2, progressive=True),
+        image_bytes("JPEG", mode="L", seed=3),
+        image_bytes("JPEG", mode="CMYK", seed=4),
+        image_bytes("JPEG", seed=5, optimize=True, subsampling=0, restart_marker_blocks=1),
+        image_bytes("JPEG", size=(64, 48), seed=6, exif=exif.tobytes()),
+        image_bytes("JPEG", seed=7, icc_profile=b"\0" * 3000),
+    ]
+    for data in variants:
+        info = jpeg_info(data)
+        with Image.open(io.BytesIO(data)) as img:
+            assert info is not None
+            assert (info.width, info.height) == img.size
+            assert (info.sof == 0xC2) == bool(img.info.get("progressive"))
+            assert {1: "L", 3: "RGB", 4: "CMYK"}[info.components] == img.mode
+            assert info.orientation == img.getexif().get(0x0112, 1)
+    assert jpeg_info(b"\x89PNG\r\n\x1a\n") is None
+    assert jpeg_info(variants[0][:20]) is None  # headers cut short
+
+
+def test_fast_ustar_header_is_tarfiles():
+    from pipeline.shards.build import ustar_header
+
+    for name, size in [("000000001.jpg", 941), ("000000001.json", 0), ("k" * 100, 512), ("x.cls", 8**11 - 1)]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+            size,
+            0,
+            0o444,
+            0,
+            0,
+            "",
+            "",
+        )
+        assert ustar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
