@@ -26,9 +26,10 @@ Epoch policy (the contract every rank relies on)
    Every epoch yields exactly ``batches_per_epoch`` full batches on every rank, never a short one.
 6. **Bad samples** (see below) leave an empty slot. It is *filled* with a duplicate of a good sample of
    the same batch (cycling through them in slot order); a batch with no good sample at all borrows
-   the good samples of the next batch that has some (at the epoch's end, of the previous one). Each
-   fill is counted in ``stats["filled"]``. Filling keeps every rank's batch count equal (all-gather of
-   the contrast set needs equal shapes) at the cost of rare in-batch duplicates.
+   the good samples of the rank's next batch that has some (at the epoch's end, of the previous
+   one); only a rank without a single readable sample from ``start_batch`` on raises. Each fill is
+   counted in ``stats["filled"]``. Filling keeps every rank's batch count equal (all-gather of the
+   contrast set needs equal shapes) at the cost of rare in-batch duplicates.
 7. **Resume** at ``(epoch, start_batch)``: the shuffled order is recomputed, samples of consumed batches
    are never read nor decoded (only the ones still in the shuffle buffer at that point are read), and
    batches ``start_batch..`` equal those of an uninterrupted epoch — also with bad samples, because a
@@ -780,19 +781,44 @@ class ShardReader:
         segments = self.plan(epoch)
         workers = self.num_workers
         streams = [
-            self._worker_batches(epoch, w, segment, max(0, -(-(start_batch - w) // workers)))
+            self._worker_slots(epoch, w, segment, max(0, -(-(start_batch - w) // workers)))
             for w, segment in enumerate(segments)
         ]
         if workers == 1:
-            yield from streams[0]
-            return
-        yield from _round_robin(streams, self.batches_per_epoch - start_batch, start_batch, self.prefetch)
+            batches = streams[0]
+        else:
+            batches = _round_robin(streams, self.batches_per_epoch - start_batch, start_batch, self.prefetch)
+        # Fill policy (module doc, rule 6), over the rank's batches in order.
+        pending: list[list[_Sample | None]] = []  # batches without any good sample, waiting for one
+        last_goods: list[_Sample] = []
+        try:
+            for slots in batches:
+                goods = [s for s in slots if s is not None]
+                if not goods:
+                    pending.append(slots)
+                    continue
+                for waiting in pending:
+                    yield self._filled(waiting, goods)
+                pending.clear()
+                last_goods = goods
+                yield self._filled(slots, goods)
+            if pending and not last_goods:
+                raise RuntimeError(
+                    f"rank {self.rank} found no readable sample in epoch {epoch} from batch {start_batch} on "
+                    f"(shards {sorted({self.manifest.shards[s].name for seg in segments for s, _, _ in seg})}): "
+                    "see the logged errors"
+                )
+            for waiting in pending:
+                yield self._filled(waiting, last_goods)
+        finally:
+            batches.close()
 
     # -- one worker's stream --
 
-    def _worker_batches(
+    def _worker_slots(
         self, epoch: int, worker: int, spans: list[Span], start_batch: int
-    ) -> Iterator[RawBatch]:
+    ) -> Generator[list[_Sample | None], None, None]:
+        """The worker's batches as slot lists (``None`` for a bad sample), from ``start_batch`` on."""
         bsz = self.batch_size
         n = sum(stop - start for _, start, stop in spans)
         rng = np.random.default_rng([self.seed, epoch, 1, self.rank, worker])
@@ -801,36 +827,18 @@ class ShardReader:
         needed = np.zeros(n, dtype=bool)
         needed[order[first_slot:]] = True
         positions = self._read_positions(spans, needed)
+        held: dict[int, _Sample | None] = {}
+        slots: list[_Sample | None] = []
         try:
-            held: dict[int, _Sample | None] = {}
-            pending: list[list[_Sample | None]] = []  # batches without any good sample, waiting for one
-            last_goods: list[_Sample] = []
-            slots: list[_Sample | None] = []
             for j in range(first_slot, n):
                 p = int(order[j])
                 while p not in held:
                     pos, sample = next(positions)
                     held[pos] = sample
                 slots.append(held.pop(p))
-                if len(slots) < bsz:
-                    continue
-                goods = [s for s in slots if s is not None]
-                if goods:
-                    for waiting in pending:
-                        yield self._filled(waiting, goods)
-                    pending.clear()
-                    last_goods = goods
-                    yield self._filled(slots, goods)
-                else:
-                    pending.append(slots)
-                slots = []
-            for waiting in pending:
-                if not last_goods:
-                    raise RuntimeError(
-                        f"rank {self.rank} worker {worker} found no readable sample in epoch {epoch} "
-                        f"(shards {[self.manifest.shards[s].name for s, _, _ in spans]}): see the logged errors"
-                    )
-                yield self._filled(waiting, last_goods)
+                if len(slots) == bsz:
+                    yield slots
+                    slots = []
         finally:
             positions.close()  # the shard being read, if the epoch ended or was abandoned in it
 
@@ -1048,8 +1056,8 @@ def _get(q: queue.Queue, producer: threading.Thread):
 
 
 def _round_robin(
-    streams: list[Generator[RawBatch, None, None]], count: int, start_batch: int, prefetch: int
-) -> Iterator[RawBatch]:
+    streams: list[Generator[Any, None, None]], count: int, start_batch: int, prefetch: int
+) -> Generator[Any, None, None]:
     """Run each worker stream in a thread; yield batch ``b`` from worker ``b % len(streams)``."""
     workers = len(streams)
     queues: list[queue.Queue] = [queue.Queue(maxsize=max(1, prefetch)) for _ in streams]
@@ -1065,7 +1073,7 @@ def _round_robin(
                 continue
         return False  # the consumer is gone
 
-    def run(stream: Generator[RawBatch, None, None], q: queue.Queue) -> None:
+    def run(stream: Generator[Any, None, None], q: queue.Queue) -> None:
         try:
             for item in stream:
                 if not put(q, item):

@@ -381,3 +381,16 @@ def test_validate_modes_on_the_bad_set(bad_set, validate):
         assert keys == good | let_through
         assert reader.stats["corrupt_image"] == reader.stats["wrong_format"] == 0
         assert reader.stats["truncated_tar"] == 4 and reader.stats["unreadable_shard"] == 15
+
+
+def test_worker_whose_whole_segment_is_unreadable_borrows_from_the_rank(tmp_path):
+    """Two workers, one shard each; one shard is gone: its worker's batches are filled, no error."""
+    url = make_shard_set(
+        tmp_path, [[m for i in range(s, s + 8) for m in sample_members(i)] for s in (0, 8)], [8, 8]
+    )
+    (tmp_path / "shard-000001.tar").unlink()
+    reader = ShardReader(url, batch_size=4, num_workers=2, retry_delay=0.0, max_open_retries=0)
+    batches = epoch_batches(reader, 0)
+    assert len(batches) == 4 and all(len(b.keys) == 4 for b in batches)
+    assert {k for b in batches for k in b.keys} == {f"{i:09d}" for i in range(8)}
+    assert reader.stats["unreadable_shard"] == 8 == reader.stats["filled"]
