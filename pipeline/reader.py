@@ -22,6 +22,8 @@ Epoch policy (the contract every rank relies on)
    ``(seed, epoch, rank, worker)``. It is simulated on sample *positions* (:func:`shuffle_order`), so
    the output order is known before any byte is read: memory is the same as a real buffer (at most
    ``shuffle_buffer + 1`` encoded images per worker), and resuming needs no data that was consumed.
+   The buffer mixes only nearby samples: shards must hold their samples in random order (``relic
+   shards build`` shuffles its inputs; a class-sorted foreign set would give single-class batches).
 5. **Batches.** Slot ``j`` of a worker's shuffled order belongs to local batch ``j // batch_size``.
    Every epoch yields exactly ``batches_per_epoch`` full batches on every rank, never a short one.
 6. **Bad samples** (see below) leave an empty slot. It is *filled* with a duplicate of a good sample of
