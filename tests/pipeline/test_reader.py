@@ -352,18 +352,32 @@ def test_dali_index_seek_skips_headers_and_changes_nothing(digits_shards, monkey
     assert headers["index"] < headers["plain"] - 100
 
 
-def test_abandoning_a_threaded_epoch_stops_its_workers_quickly(clean_set):
+@pytest.mark.parametrize("batch_size", [4, 32])  # 32: one batch per worker, each blocked after its last
+def test_abandoning_a_threaded_epoch_stops_its_workers_quickly(clean_set, batch_size):
     import os
     import threading
     import time
 
-    reader = ShardReader(clean_set, batch_size=32, num_workers=3, prefetch=1)  # one batch per worker
-    before, files = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    reader = ShardReader(clean_set, batch_size=batch_size, num_workers=3, prefetch=1)
+    shard_dir = os.path.dirname(reader.manifest.url)
+
+    def open_shards() -> list[str]:
+        paths = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                continue  # closed meanwhile
+        return [p for p in paths if p.startswith(shard_dir)]
+
+    before = threading.active_count()
     epoch = reader.epoch(0)
     next(epoch)
     time.sleep(0.2)  # let the workers fill their queues and block
+    if batch_size == 4:
+        assert open_shards()  # the workers are suspended inside their shards
     start = time.perf_counter()
     epoch.close()
     assert time.perf_counter() - start < 2
     assert threading.active_count() == before
-    assert len(os.listdir("/proc/self/fd")) == files  # no shard left open
+    assert open_shards() == []
