@@ -223,6 +223,17 @@ def evaluate_encoders(
     return out
 
 
+def initial_encoder(cfg: Any) -> Any:
+    """The encoder both trained runs started from: ``build_train_state`` seeds torch with
+    ``run.seed`` and then builds the model, and so does this (eval mode, never trained)."""
+    import torch
+
+    from training.model import build_model
+
+    torch.manual_seed(cfg.run.seed)
+    return build_model(cfg.model).encoder.eval()
+
+
 def history_from_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, list]:
     """Loss terms per reported step and the kNN monitor's accuracy per completed epoch."""
     by_step: dict[int, Mapping[str, Any]] = {}
@@ -332,10 +343,7 @@ def run(args: argparse.Namespace) -> int:
     fits, train_seconds = train_encoders(cfg, runs, log, worker_logs=args.worker_logs)
 
     log("[3/4] evaluating random init, alpha=0 and alpha>0 on frozen features")
-    import torch
-
     from cluster.checkpoint import load_model_from_checkpoint
-    from training.model import build_model
 
     t_eval = time.monotonic()
     quick = QUICK_EVAL if args.quick else {}
@@ -350,8 +358,7 @@ def run(args: argparse.Namespace) -> int:
         max_train=args.max_train or quick.get("max_train"),
         max_test=args.max_test or quick.get("max_test"),
     )
-    torch.manual_seed(cfg.run.seed)  # the initial weights of both trained runs (build_train_state's seed)
-    encoders = {"random": build_model(cfg.model).encoder.eval()}
+    encoders = {"random": initial_encoder(cfg)}
     for name, _ in runs:
         if fits[name].checkpoint is None:
             print(f"relic demo: run {name} wrote no checkpoint ({fits[name].run_dir})", file=sys.stderr)

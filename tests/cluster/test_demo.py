@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from cluster import demo, report
@@ -51,6 +53,26 @@ def test_report_numbers_are_computed_from_the_encoder(eval_data):
     assert set(good["robustness"]["knn"]) == set(good["knn_per_corruption"])
 
 
+def test_random_encoder_is_the_initialisation_of_the_trained_runs():
+    from cluster.config import load_config
+    from training.loop import build_train_state
+
+    cfg = load_config(demo.DEFAULT_CONFIG, ["data.train=unused"])
+    state = build_train_state(
+        cfg.model,
+        cfg.objective,
+        cfg.optim,
+        cfg.schedule,
+        steps_per_epoch=10,
+        global_batch=128,
+        seed=cfg.run.seed,
+    )
+    started_from = state.online.encoder.state_dict()
+    random = demo.initial_encoder(cfg).state_dict()
+    assert started_from.keys() == random.keys()
+    assert all(torch.equal(started_from[k], random[k]) for k in random)
+
+
 def test_history_keeps_the_latest_report_per_step_and_knn_per_epoch():
     reports = [
         {"step": 5, "epoch": 0, "loss": 5.0, "contrastive": 4.9, "invariance": 0.1},
@@ -86,39 +108,43 @@ def _metrics_shell(severities):
     }
 
 
+def _relic(*argv: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``relic ARGV`` in a fresh process group; on timeout the whole group (with the local Ray
+    instance it started) is killed, so nothing outlives the test."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"relic {' '.join(argv)} did not finish in {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.timeout(1500)
 def test_reduced_demo_runs_end_to_end_and_writes_a_complete_report(tmp_path):
-    """`relic demo --quick` in a fresh process: shards, two Ray Train runs, evaluation, report."""
+    """`relic demo --quick` in a fresh process: shards, two Ray Train runs, evaluation, report; then
+    `relic eval` on its checkpoint. About a minute and a half on an idle 2-core machine."""
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cluster.cli",
-            "demo",
-            "--quick",
-            "--out",
-            str(out),
-            "--max-train",
-            "200",
-            "--max-test",
-            "60",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=420,
-    )
+    quick = ("--quick", "--out", str(out), "--max-train", "200", "--max-test", "60")
+    proc = _relic("demo", *quick, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("report: ") and str(out / "report" / "report.md") in lines[-1]
-    assert any("[2/4] training" in line for line in lines) and any(
-        "relic_alpha0: step" in line for line in lines
-    )
+    assert any("[2/4] training" in line for line in lines)
+    assert any("relic_alpha0: step" in line for line in lines)
 
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert report.check_metrics(metrics) == []
@@ -141,3 +167,18 @@ def test_reduced_demo_runs_end_to_end_and_writes_a_complete_report(tmp_path):
     for name in ("relic_alpha0", "relic"):
         assert (out / name / "config.yaml").exists()
         assert any(p.name.startswith("checkpoint-") for p in (out / name).iterdir())
+
+    # relic eval on the demo's checkpoint: the report's clean accuracies again (same images, same
+    # encoder), and an export that torchvision loads strictly
+    export = tmp_path / "export"
+    data = ("--train", str(out / "shards" / "train"), "--test", str(out / "shards" / "test"))
+    subset = ("--max-train", "200", "--max-test", "60", "--corruptions", "none")
+    saved = ("--export", str(export), "--json", str(tmp_path / "eval.json"))
+    proc = _relic("eval", str(out / "relic"), *data, *subset, *saved, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["knn"] == pytest.approx(relic["knn"])
+    assert evaluated["linear"] == pytest.approx(relic["linear"], abs=0.02)
+    tv = torchvision.models.resnet18()
+    tv.load_state_dict(torch.load(export / "encoder.pt", weights_only=True), strict=True)
+    assert (export / "projector.pt").exists()
