@@ -732,9 +732,11 @@ def _run_tasks(
     bar = None
 
     def open_bar() -> Any:
+        if not show:
+            return None
         from tqdm import tqdm
 
-        return tqdm(total=total, unit="img", desc="shards", file=sys.stderr) if show else None
+        return tqdm(total=total, unit="img", desc="shards", file=sys.stderr)
 
     results: dict[int, dict] = {}
     next_publish = 0  # spool mode: chunks are numbered and published in order
