@@ -35,7 +35,7 @@ class ShardIndexError(ValueError):
 def expand_shard_urls(url_or_pattern: str, options: dict[str, Any] | None = None) -> list[str]:
     """Shard URLs from a brace pattern, a list file (one URL/path per line), a directory, or one tar."""
     options = options or {}
-    if "{" in url_or_pattern and ".." in url_or_pattern:
+    if "{" in url_or_pattern and "}" in url_or_pattern:
         return list(braceexpand.braceexpand(url_or_pattern))
     fs, path = storage.filesystem(url_or_pattern, options)
     if not fs.exists(path):
