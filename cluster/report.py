@@ -248,6 +248,13 @@ def terminal_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _standard_error(accuracy: float, n: Any) -> str:
+    """sqrt(p (1 - p) / n) in accuracy points, as text."""
+    if not isinstance(n, int) or n <= 0:
+        return "n/a"
+    return f"{100 * math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n):.1f} points"
+
+
 def _signed(points: float) -> str:
     return f"{100 * points:+.1f} points"
 
@@ -287,8 +294,9 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
     )
     out.append("")
     out.append(
-        "Evaluation on frozen features (labels used only here): weighted kNN (k=20, T=0.07; Wu et al. 2018) "
-        "and a linear probe (L-BFGS logistic regression on standardised features), both fitted on the "
+        "Evaluation on frozen features (labels used only here): weighted kNN "
+        f"(k={cfg.get('run', {}).get('knn_k', 20)}, T={cfg.get('run', {}).get('knn_temperature', 0.07)}; "
+        "Wu et al. 2018) and a linear probe (L-BFGS logistic regression on standardised features), both fitted on the "
         "clean training split and scored on the test split — clean, and under "
         f"{len(corruptions)} corruptions ({', '.join(corruptions)}) at severities "
         f"{', '.join(map(str, severities))} (ImageNet-C definitions with the CIFAR-10-C parameters for "
@@ -337,9 +345,11 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
                 verdict = f"mixed — alpha > 0 is more accurate under corruptions only with the {PROBE_LABELS[better[0]]}"
             else:
                 verdict = "no — alpha > 0 is not more accurate under corruptions on this run"
+            se = _standard_error(encoders[a]["knn_corrupted"], data.get("test"))
             out.append(
-                f"- **Does alpha > 0 beat alpha = 0 under corruptions?** {verdict}. Differences of a point or "
-                f"two are within the noise of a {data['test']}-image test split and one seed."
+                f"- **Does alpha > 0 beat alpha = 0 under corruptions?** {verdict}. For scale: one accuracy "
+                f"on {data.get('test')} test images has a binomial standard error of about {se}, and this is "
+                "one training seed; differences of a point or two are within that noise."
             )
     out.append("")
     sel = metrics.get("selection") or {}
