@@ -11,15 +11,17 @@ arXiv 2006.07733, Appendix B / Table 6):
 5. solarize (``x -> 255 - x`` for ``x >= 128``) with probability ``solarize_p``,
 6. horizontal flip with probability ``flip_p`` and normalisation ``(x/255 - mean) / std``, as CHW.
 
-Random choices "with probability p" are per-sample Bernoulli masks (``fn.random.coin_flip``) that
-select the operator's parameter: the identity parameter when the coin is 0, a random one when it is
-1. So one operator call serves the whole batch, which is the same graph on CPU and GPU:
+Random choices "with probability p" are per-sample Bernoulli draws (``fn.random.coin_flip``); one
+operator call serves the whole batch, the same graph on CPU and GPU:
 
 - jitter + grayscale are one ``fn.color_twist``: factors ``1 + coin * (u - 1)``; grayscale is
   saturation 0 (DALI's saturation projects onto the luma axis 0.299 R + 0.587 G + 0.114 B, the same
   weights as torchvision's ``rgb_to_grayscale``, and luma does not depend on hue or saturation, so
   "jitter then grayscale" equals one twist with the saturation factor multiplied by ``1 - gray``);
-- blur is ``fn.gaussian_blur`` with per-sample sigma and window; a window of 1 is the identity;
+- blur is ``fn.gaussian_blur`` with per-sample sigma (window ``2 ceil(3 sigma) + 1``) inside a
+  per-sample conditional (DALI conditionals, ``enable_conditionals=True``): samples that are not
+  blurred skip the operator, which matters for view 2 of BYOL (p = 0.1; an identity blur cost half
+  a real one);
 - solarize is integer arithmetic: ``x XOR 255`` equals ``255 - x`` for uint8, applied where
   ``x >= threshold`` with a per-sample threshold of 128 (coin 1) or 256 (coin 0, never reached);
 - flip is ``crop_mirror_normalize``'s per-sample ``mirror``.
@@ -236,16 +238,17 @@ def _colour(images, spec: ViewSpec):
 
 def _blur(images, spec: ViewSpec):
     import nvidia.dali.fn as fn
-    import nvidia.dali.math as dmath
     import nvidia.dali.types as types
 
     if spec.blur_p <= 0:
         return images
     sigma = fn.random.uniform(range=list(spec.blur_sigma))
-    window = 2 * fn.cast(dmath.ceil(3.0 * sigma), dtype=types.INT32) + 1  # DALI's default radius 3 sigma
-    if spec.blur_p < 1:
-        window = 1 + _coin(spec.blur_p) * (window - 1)  # a 1-tap window is the identity
-    return fn.gaussian_blur(images, sigma=sigma, window_size=window)
+    if spec.blur_p >= 1:
+        return fn.gaussian_blur(images, sigma=sigma)
+    # A per-sample branch (DALI conditionals split the batch): unblurred samples cost nothing.
+    if fn.random.coin_flip(probability=spec.blur_p, dtype=types.BOOL):
+        images = fn.gaussian_blur(images, sigma=sigma)
+    return images
 
 
 def _solarize(images, spec: ViewSpec):
@@ -319,20 +322,15 @@ def build_pipeline(
     """
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
-    from nvidia.dali import Pipeline
+    from nvidia.dali import pipeline_def
 
     if (source is None) == (inputs is None):
         raise ValueError("build_pipeline: give exactly one of source= (external source) or inputs=")
     if device == "gpu" and device_id is None:
         raise ValueError("build_pipeline: device='gpu' needs a device_id")
-    pipe = Pipeline(
-        batch_size=batch_size,
-        num_threads=num_threads,
-        device_id=device_id if device == "gpu" else None,
-        seed=seed & 0x7FFFFFFF,
-        prefetch_queue_depth=prefetch_queue_depth,
-    )
-    with pipe:
+
+    @pipeline_def(enable_conditionals=True)  # per-sample `if` on DataNodes (see _blur)
+    def graph():
         if source is not None:
             encoded, labels = fn.external_source(
                 source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64]
@@ -340,8 +338,15 @@ def build_pipeline(
         else:
             encoded, labels = inputs()
         views = views_graph(encoded, recipe, device=device, fp16=fp16, layout=layout)
-        pipe.set_outputs(*views, labels)
-    return pipe
+        return (*views, labels)
+
+    return graph(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id if device == "gpu" else None,
+        seed=seed & 0x7FFFFFFF,
+        prefetch_queue_depth=prefetch_queue_depth,
+    )
 
 
 def derive_seed(*parts: int) -> int:

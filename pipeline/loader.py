@@ -115,6 +115,15 @@ class _Feeder(threading.Thread):
         self.join(timeout=10)
 
 
+def _reason(error: BaseException) -> str:
+    """The informative line of a DALI error (the text after "encountered:"), not its whole traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("encountered"):
+            return lines[i + 1]
+    return lines[-1] if lines else type(error).__name__
+
+
 def _decodes(data: np.ndarray) -> bool:
     """A full PIL decode: the slow but thorough check used only after DALI failed on a batch."""
     from PIL import Image

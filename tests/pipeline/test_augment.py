@@ -165,3 +165,44 @@ def test_same_seed_same_views_other_seed_different():
         assert x.shape == (16, 32, 32, 3)
         np.testing.assert_array_equal(x, y)
         assert not np.array_equal(x, z)
+
+
+def _graph_ops(device: str) -> list[tuple[str, str]]:
+    """(operator, device) of every operator that feeds the views, defined without building (so the
+    GPU variant can be inspected on a machine without CUDA)."""
+    import nvidia.dali.fn as fn
+    from nvidia.dali import pipeline_def
+
+    from pipeline.augment import views_graph
+
+    outputs = []
+
+    @pipeline_def(enable_conditionals=True)
+    def graph():
+        outputs.extend(
+            views_graph(fn.external_source(name="jpegs"), preset("relicv2", num_small=1), device=device)
+        )
+        return tuple(outputs)
+
+    graph(batch_size=2, num_threads=1, device_id=None)
+    seen, ops, stack = set(), [], list(outputs)
+    while stack:
+        node = stack.pop()
+        op = node.source
+        if id(op) in seen:
+            continue
+        seen.add(id(op))
+        ops.append((getattr(op._op, "schema_name", type(op._op).__name__), op._op.device))
+        stack.extend(op.inputs)
+    return sorted(ops)
+
+
+def test_gpu_graph_is_the_cpu_graph_on_the_gpu():
+    cpu, gpu = _graph_ops("cpu"), _graph_ops("gpu")
+    assert [name for name, _ in cpu] == [name for name, _ in gpu]  # same operators, same count
+    decoders = [d for name, d in gpu if name.startswith("decoders__Image")]
+    assert decoders == ["mixed"] and [d for name, d in cpu if name.startswith("decoders__Image")] == ["cpu"]
+    image_ops = ("RandomResizedCrop", "ColorTwist", "GaussianBlur", "CropMirrorNormalize")
+    assert {d for name, d in gpu if name in image_ops} == {"gpu"}
+    assert {d for name, d in cpu if name != "ExternalSource"} == {"cpu"}
+    assert sum(name == "RandomResizedCrop" for name, _ in gpu) == 3  # decode once, crop per view
