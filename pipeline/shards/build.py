@@ -771,11 +771,10 @@ def _run_tasks(
         if workers == 1:
             _init_worker(None)
             bar = open_bar()
-            done_samples = done_bytes = 0
+            done_bytes = 0
             for t in tasks:
                 r = run_chunk(job, t, t.chunk if direct else None)
                 finished(r)
-                done_samples += len(t.items)
                 done_bytes += sum(s["bytes"] for s in r["shards"])
                 if bar is not None:
                     bar.update(len(t.items))

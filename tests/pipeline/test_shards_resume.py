@@ -6,6 +6,7 @@ in open() while every other chunk finishes, and the test then SIGKILLs the pool'
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import signal
 import subprocess
@@ -99,3 +100,37 @@ def test_killed_worker_then_rerun_gives_identical_manifest(tmp_path):
     for s in fresh.shards:
         assert filecmp.cmp(out / s.name, tmp_path / "fresh" / s.name, shallow=False)
         assert filecmp.cmp(out / s.index, tmp_path / "fresh" / s.index, shallow=False)
+
+
+def test_max_bytes_build_resumes_from_receipts(tmp_path, monkeypatch):
+    """With --max-bytes the main process numbers the shards; an interrupted run (here: a crash just
+    before the manifest) and a lost shard still end with the uninterrupted run's manifest."""
+    import pytest
+
+    from pipeline.shards import build
+
+    kwargs = dict(max_samples=50, max_bytes=40_000, index=True, seed=2, progress=False)
+    reference = build_shards("builtin:digits?split=val", str(tmp_path / "ref"), **kwargs)
+    out = tmp_path / "out"
+
+    def crash(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "save_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build_shards("builtin:digits?split=val", str(out), **kwargs)
+    monkeypatch.undo()
+    assert not (out / "manifest.json").exists() and len(list((out / RECEIPT_DIR).glob("chunk-*.json"))) == 4
+    receipts = [json.loads(p.read_text()) for p in sorted((out / RECEIPT_DIR).glob("chunk-*.json"))]
+    lost = receipts[1]["shards"][1]["name"]  # chunk 1 is rebuilt whole, the others are reused
+    (out / lost).unlink()
+    kept = {
+        s["name"]: (out / s["name"]).stat().st_mtime_ns
+        for r in receipts
+        if r["chunk"] != 1
+        for s in r["shards"]
+    }
+    resumed = build_shards("builtin:digits?split=val", str(out), **kwargs)
+    assert resumed.to_json() == reference.to_json()
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept
+    assert filecmp.cmp(out / lost, tmp_path / "ref" / lost, shallow=False)
