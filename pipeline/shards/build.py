@@ -38,6 +38,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import io
 import json
@@ -782,10 +783,14 @@ def _run_tasks(
         else:
             ctx = _pool_context()
             counters = (ctx.Value("q", 0), ctx.Value("q", 0))
+            # Forked workers share the parent's heap copy-on-write; frozen objects are left out of their
+            # garbage collections, which would otherwise touch (and so copy) every page of it.
+            gc.freeze()
             with cf.ProcessPoolExecutor(
                 workers, mp_context=ctx, initializer=_init_worker, initargs=(counters,)
             ) as pool:
                 pending = {pool.submit(run_chunk, job, t, t.chunk if direct else None) for t in tasks}
+                gc.unfreeze()
                 bar = open_bar()  # after the workers exist: tqdm's monitor thread must not be forked
                 try:
                     while pending:
