@@ -166,13 +166,19 @@ def test_max_bytes_shards_numbered_and_bounded(tmp_path):
     assert [s.sha256 for s in single.shards] == [s.sha256 for s in m.shards]
 
 
-def test_digits_splits_match_sklearn_and_are_stratified():
+@pytest.mark.slow  # importing scikit-learn alone takes 5-25 s on a busy 2-core machine
+def test_digits_are_sklearns_load_digits():
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images, targets = load_digits_arrays()
     np.testing.assert_array_equal(images, digits.images)
     np.testing.assert_array_equal(targets, digits.target)
+
+
+def test_digits_splits_are_stratified_and_disjoint():
+    images, targets = load_digits_arrays()
+    assert images.shape == (1797, 8, 8) and images.max() == 16 and sorted(set(targets)) == list(range(10))
     splits = {s: digits_split_indices(s) for s in DIGITS_SPLIT_FRACTIONS}
     assert sum(len(v) for v in splits.values()) == 1797
     assert set(np.concatenate(list(splits.values()))) == set(range(1797))
