@@ -58,6 +58,9 @@ FORWARDED_ENV = (
 )
 
 
+WORKER_START_TIMEOUT_S = 600
+
+
 @dataclass
 class FitResult:
     """What a finished run left behind.
@@ -112,12 +115,16 @@ def ray_session(
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=worker_logs, **init_kwargs)
         log.info("joined the Ray cluster at %s", os.environ["RAY_ADDRESS"])
     else:
+        # One machine cannot be preempted node by node: skip Ray Train's preemption-watcher actor.
+        runtime_env = init_kwargs.pop("runtime_env", None) or {}
+        runtime_env.setdefault("env_vars", {}).setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(
             address="local",
             num_cpus=num_cpus,
             _node_ip_address="127.0.0.1",
             include_dashboard=False,
             log_to_driver=worker_logs,
+            runtime_env=runtime_env,
             **init_kwargs,
         )
         log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
@@ -285,6 +292,25 @@ def progress_line(m: dict[str, Any]) -> str:
 # fit
 
 
+def make_loop_config(
+    cfg: ExperimentConfig, storage: RunStorage, *, hooks: Sequence[Any] = (), sha: str | None = None
+) -> dict[str, Any]:
+    """What every worker receives (``cluster.worker.train_loop``): plain, picklable values. Storage
+    options are resolved here, on the driver, so that workers see the endpoints the user configured."""
+    return {
+        "config": cfg.to_dict(),
+        "run_dir": storage.run_url(cfg.run.name),
+        "run_storage_options": storage.options,
+        "data_storage_options": {
+            "train": data_options(cfg, cfg.data.train),
+            "knn_train": data_options(cfg, cfg.data.knn_train or cfg.data.train),
+            "knn_val": data_options(cfg, cfg.data.knn_val) if cfg.data.knn_val else {},
+        },
+        "git_sha": sha or git_sha(),
+        "hooks": list(hooks),
+    }
+
+
 def build_trainer(
     cfg: ExperimentConfig,
     *,
@@ -353,6 +379,9 @@ def fit(
         raise RuntimeError("fit() needs a Ray connection: wrap it in cluster.trainer.ray_session()")
     emit = progress if callable(progress) else (print if progress else (lambda _line: None))
     facts = preflight(cfg)
+    # Ray Train gives a worker group 60 s to start, then counts a failure. Starting workers that import
+    # torch and DALI on a busy CPU node can take longer; Ray propagates this variable from the driver.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
     storage = RunStorage.from_url(cfg.run.storage, cfg.run.endpoint_url)
     run_dir = storage.run_url(cfg.run.name)
     resuming = storage.exists(storage.run_url(cfg.run.name, "config.yaml"))
@@ -364,18 +393,7 @@ def fit(
     )
 
     sink = _sink_class().remote()
-    loop_config = {
-        "config": cfg.to_dict(),
-        "run_dir": run_dir,
-        "run_storage_options": storage.options,
-        "data_storage_options": {
-            "train": data_options(cfg, cfg.data.train),
-            "knn_train": data_options(cfg, cfg.data.knn_train or cfg.data.train),
-            "knn_val": data_options(cfg, cfg.data.knn_val) if cfg.data.knn_val else {},
-        },
-        "git_sha": info["git_sha"],
-        "hooks": list(hooks),
-    }
+    loop_config = make_loop_config(cfg, storage, hooks=hooks, sha=info["git_sha"])
     trainer = build_trainer(
         cfg,
         run_storage=storage,

@@ -25,8 +25,10 @@ Each worker:
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -237,13 +239,95 @@ class _TensorBoard:
 
 
 # --------------------------------------------------------------------------------------------------
+# Where the loop runs: inside Ray Train, or directly in this process (benchmarks, debugging)
+
+
+class RaySession:
+    """The loop's view of Ray Train: rank/world/device from the context, the checkpoint to resume
+    from, and ``report`` (every rank, same number of calls; a checkpoint directory from rank 0)."""
+
+    def __init__(self, use_gpu: bool) -> None:
+        import ray
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size, self.local_rank = (
+            ctx.get_world_rank(),
+            ctx.get_world_size(),
+            ctx.get_local_rank(),
+        )
+        self.node_id = ray.get_runtime_context().get_node_id()
+        if use_gpu:
+            import ray.train.torch
+
+            self.device = ray.train.torch.get_device()
+        else:
+            self.device = torch.device("cpu")
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self) -> Iterator[tuple[str, str] | tuple[None, None]]:
+        """``(local directory, description)`` of the checkpoint to resume from, or ``(None, None)``."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None, None
+            return
+        with checkpoint.as_directory() as directory:
+            yield directory, checkpoint.path
+
+    def report(
+        self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None
+    ) -> None:
+        import ray.train
+
+        if name is None:
+            ray.train.report(metrics)
+        else:
+            checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+
+class LocalSession:
+    """The same loop in this process, without Ray: one rank; checkpoints are copied into ``run_dir``
+    (local), where the next LocalSession on the same directory resumes from the newest one."""
+
+    def __init__(self, run_dir: str, device: str | torch.device = "cpu") -> None:
+        self.rank, self.world_size, self.local_rank, self.node_id = 0, 1, 0, "local"
+        self.device = torch.device(device)
+        self.run_dir = run_dir
+        self.reports: list[dict[str, Any]] = []
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self) -> Iterator[tuple[str, str] | tuple[None, None]]:
+        from cluster.checkpoint import latest_checkpoint
+
+        found = latest_checkpoint(self.run_dir)
+        yield (found, found) if found else (None, None)
+
+    def report(
+        self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None
+    ) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir and name:
+            shutil.copytree(checkpoint_dir, os.path.join(self.run_dir, name), dirs_exist_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
 # The loop
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker`` (see module doc). ``loop_config`` is built by
-    ``cluster.trainer.fit``: the resolved config as a dict, the run directory and storage options."""
-    import ray.train
+    ``cluster.trainer.loop_config``: the resolved config as a dict, the run directory, storage options."""
+    from cluster.config import config_from_dict
+
+    cfg = config_from_dict(loop_config["config"])
+    run_loop(loop_config, RaySession(cfg.scaling.use_gpu))
+
+
+def run_loop(loop_config: dict[str, Any], session: Any) -> None:
+    """The training loop of one rank, given its session (``RaySession`` or ``LocalSession``)."""
     from torch.nn.parallel import DistributedDataParallel
 
     from cluster import checkpoint as ckpt
@@ -255,19 +339,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     cfg = config_from_dict(loop_config["config"])
     hooks = list(loop_config.get("hooks") or [])
-    ctx = ray.train.get_context()
-    rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
-    if world != cfg.scaling.num_workers:
-        raise RuntimeError(f"Ray started {world} workers, the config asks for {cfg.scaling.num_workers}")
-    if cfg.scaling.use_gpu:
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cpu")
+    rank, world, local_rank, device = session.rank, session.world_size, session.local_rank, session.device
+    if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     options = loop_config["data_storage_options"]
-    batch_size = cfg.per_worker_batch_size
+    # The global batch is split over the ranks actually running (the config's num_workers under Ray).
+    batch_size = cfg.data.global_batch_size // world
 
     reader = ShardReader(
         cfg.data.train,
@@ -302,19 +379,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         seed=cfg.run.seed,
     )
     restored_step = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+    with session.checkpoint_dir() as (directory, where):
+        if directory is not None:
             meta = ckpt.restore(state, directory)
-        restored_step = state.step
-        if rank == 0:
-            log.warning(
-                "resumed from %s at step %d (epoch %d, batch %d)",
-                checkpoint.path,
-                meta["step"],
-                state.epoch,
-                state.batch_in_epoch,
-            )
+            restored_step = state.step
+            if rank == 0:
+                log.warning(
+                    "resumed from %s at step %d (epoch %d, batch %d)",
+                    where,
+                    meta["step"],
+                    state.epoch,
+                    state.batch_in_epoch,
+                )
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         state.model = DistributedDataParallel(state.model, device_ids=ids)
@@ -330,7 +406,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if (rank == 0 and cfg.run.tensorboard)
         else None
     )
-    node_id = ray.get_runtime_context().get_node_id()
+    node_id = session.node_id
 
     def info(metrics: dict | None, keys: list[str] | None, batch: Any) -> StepInfo:
         return StepInfo(
@@ -383,6 +459,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                         if monitor is not None and epoch_done and state.epoch % cfg.run.knn_every == 0:
                             knn = monitor.accuracy(state.online.encoder)
                         _report(
+                            session,
                             state,
                             last,
                             meter,
@@ -408,6 +485,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
 
 def _report(
+    session: Any,
     state: Any,
     last: dict[str, float],
     meter: _Meter,
@@ -425,9 +503,7 @@ def _report(
     restored_step: int | None,
     skip_reasons: tuple[str, ...],
 ) -> None:
-    """Aggregate across ranks, then ``ray.train.report`` on every rank (rank 0 attaches the checkpoint)."""
-    import ray.train
-
+    """Aggregate across ranks, then ``report`` on every rank (rank 0 attaches the checkpoint)."""
     from cluster import checkpoint as ckpt
 
     per_rank = _gather_objects({**meter.local(), "stats": stats})
@@ -454,10 +530,10 @@ def _report(
         )
     name = ckpt.checkpoint_dir_name(state.step)
     if not checkpoint:
-        ray.train.report(metrics)
+        session.report(metrics)
         return
     if rank != 0:
-        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        session.report(metrics, None, name)
         return
     if tensorboard is not None:
         tensorboard.sync()
@@ -469,6 +545,4 @@ def _report(
         }
         meta = ckpt.make_meta(state, git_sha=git_sha, world_size=world, batch_size=batch_size)
         ckpt.write_checkpoint(directory, state, cfg, meta)
-        ray.train.report(
-            metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name
-        )
+        session.report(metrics, directory, name)

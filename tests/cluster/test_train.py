@@ -122,35 +122,59 @@ def test_two_workers_train_end_to_end(reference):
     assert features.shape == (2, 512)
 
 
-@pytest.mark.slow
-def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(
-    reference, digits_shards, tmp_path
-):
+@pytest.fixture(scope="module")
+def s3_run_root(s3_server):
+    """A fresh bucket on the moto server; yields (``s3://bucket/runs``, storage options, worker env)."""
+    import uuid
+
+    import s3fs
+
+    options = {"endpoint_url": s3_server}
+    bucket = f"relic-train-{uuid.uuid4().hex[:10]}"
+    s3fs.S3FileSystem(**options).mkdir(bucket)
+    creds = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    return f"s3://{bucket}/runs", options, creds
+
+
+@pytest.fixture(scope="module")
+def killed_run(ray_local, digits_shards, s3_run_root, tmp_path_factory):
+    """The reference config with checkpoints on S3, rank 0 SIGKILLed right after step 6 (the last
+    checkpoint is step 4) on the first attempt only."""
     from cluster.trainer import fit
 
-    ref_result, ref_records, _ = reference
-    records = tmp_path / "records"
+    storage, options, creds = s3_run_root
+    root = tmp_path_factory.mktemp("killed")
+    records = root / "records"
     records.mkdir()
     lines: list[str] = []
-    kill = ray_hooks.KillOnce(step=6, marker=tmp_path / "killed", rank=0)
-    result = fit(
-        tiny(digits_shards, str(tmp_path / "runs")),
-        progress=lines.append,
-        hooks=[kill, ray_hooks.Recorder(records)],
-    )
-    assert (tmp_path / "killed").exists(), "the worker was never killed"
+    kill = ray_hooks.KillOnce(step=6, marker=root / "killed", rank=0)
+    cfg = tiny(digits_shards, storage, f"run.endpoint_url={options['endpoint_url']}", "run.name=killed")
+    result = fit(cfg, progress=lines.append, worker_env=creds, hooks=[kill, ray_hooks.Recorder(records)])
+    return result, ray_hooks.read_records(records), lines, root
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(
+    reference, killed_run, s3_run_root
+):
+    import s3fs
+
+    ref_result, ref_records, _ = reference
+    result, recs, lines, root = killed_run
+    storage, options, _ = s3_run_root
+    assert (root / "killed").exists(), "the worker was never killed"
     assert len(result.failures) >= 1, lines
     assert any("resumed from the checkpoint at step 4" in line for line in lines), lines
 
-    recs = ray_hooks.read_records(records)
     starts = [r for r in recs if r["event"] == "start" and r["rank"] == 0]
     assert [s["restored_step"] for s in starts] == [None, 4]
-    # after the restart: steps 5..8 again, from the checkpoint at step 4
+    # after the restart: steps 5..8 again, from the checkpoint at step 4 (read back from S3)
     rerun = [r["step"] for r in recs if r["event"] == "step" and r["rank"] == 0 and r["restored_step"] == 4]
     assert rerun == [5, 6, 7, 8]
     # final step count and checkpoint
-    assert result.metrics[-1]["step"] == STEPS and result.checkpoint.endswith("checkpoint-00000008")
-    assert load_model_from_checkpoint(result.checkpoint).step == STEPS
+    assert result.metrics[-1]["step"] == STEPS
+    assert result.checkpoint == f"{storage}/killed/checkpoint-00000008"
 
     ours, ref = ray_hooks.last_by_rank_step(recs), ray_hooks.last_by_rank_step(ref_records)
     assert sorted(ours) == sorted(ref)
@@ -161,49 +185,48 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(
         assert ours[key]["keys"] == ref[key]["keys"], key
 
     ref_state = torch.load(Path(ref_result.checkpoint) / "train_state.pt", weights_only=False)
-    our_state = torch.load(Path(result.checkpoint) / "train_state.pt", weights_only=False)
+    fs = s3fs.S3FileSystem(**options)
+    with fs.open(f"{result.checkpoint[5:]}/train_state.pt", "rb") as f:
+        our_state = torch.load(f, weights_only=False)
     for name, tensor in ref_state["model"].items():
         torch.testing.assert_close(our_state["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow
 @pytest.mark.s3
-def test_checkpoints_on_s3_and_a_new_run_with_the_same_name_resumes(
-    ray_local, digits_shards, s3_server, s3_bucket, s3_options, tmp_path
-):
+def test_a_new_run_with_the_same_name_resumes_from_its_s3_checkpoints(killed_run, digits_shards, s3_run_root):
     import s3fs
 
     from cluster.trainer import fit
 
-    def cfg(steps: int):
-        return tiny(
-            digits_shards,
-            f"{s3_bucket}/runs",
-            f"run.max_steps={steps}",
-            "run.checkpoint_every=2",
-            "run.report_every=1",
-            f"run.endpoint_url={s3_server}",
-            "run.name=s3run",
-        )
+    storage, options, creds = s3_run_root
+    cfg = tiny(
+        digits_shards,
+        storage,
+        f"run.endpoint_url={options['endpoint_url']}",
+        "run.name=killed",
+        f"run.max_steps={STEPS + 2}",
+    )
+    again = fit(cfg, progress=False, worker_env=creds)
+    assert [m["step"] for m in again.metrics] == [STEPS + 2]
+    assert again.metrics[0]["restored_step"] == STEPS
+    assert again.checkpoint == f"{storage}/killed/checkpoint-{STEPS + 2:08d}"
 
-    creds = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    first = fit(cfg(2), progress=False, worker_env=creds)
-    assert first.run_dir == f"{s3_bucket}/runs/s3run"
-    assert first.checkpoint == f"{s3_bucket}/runs/s3run/checkpoint-00000002"
-    assert [m["restored_step"] for m in first.metrics] == [-1, -1]
-
-    second = fit(cfg(4), progress=False, worker_env=creds)
-    assert [m["step"] for m in second.metrics] == [3, 4]
-    assert {m["restored_step"] for m in second.metrics} == {2}
-    assert second.checkpoint == f"{s3_bucket}/runs/s3run/checkpoint-00000004"
-
-    fs = s3fs.S3FileSystem(**s3_options)
+    fs = s3fs.S3FileSystem(**options)
     fs.invalidate_cache()
-    listing = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket[5:]}/runs/s3run")}
-    assert {"config.yaml", "run_info.json", "metrics.jsonl", "tensorboard", "checkpoint-00000004"} <= listing
-    assert len(fs.cat(f"{s3_bucket[5:]}/runs/s3run/metrics.jsonl").decode().splitlines()) == 4
-    loaded = load_model_from_checkpoint(second.run_dir, storage_options=s3_options)
-    assert loaded.step == 4 and loaded.path.endswith("checkpoint-00000004")
+    run = f"{storage[5:]}/killed"
+    listing = {p.rsplit("/", 1)[-1] for p in fs.ls(run)}
+    assert {"config.yaml", "run_info.json", "metrics.jsonl", "tensorboard"} <= listing
+    # run.num_to_keep=2: the two newest checkpoints stay
+    assert sorted(p for p in listing if p.startswith("checkpoint-0")) == [
+        "checkpoint-00000008",
+        f"checkpoint-{STEPS + 2:08d}",
+    ]
+    assert fs.ls(f"{run}/tensorboard")
+    history = [json.loads(line) for line in fs.cat(f"{run}/metrics.jsonl").decode().splitlines()]
+    assert history[-1]["step"] == STEPS + 2 and len(history) > 1
+    loaded = load_model_from_checkpoint(f"{storage}/killed", storage_options=options)
+    assert loaded.step == STEPS + 2 and loaded.path.endswith(f"checkpoint-{STEPS + 2:08d}")
 
 
 @pytest.mark.slow

@@ -1,0 +1,212 @@
+"""What Ray Train costs: steps/s of the same training loop run directly vs inside Ray Train.
+
+    python -m benchmarks.ray_overhead [--quick] [--out benchmarks/results/ray_overhead.json]
+
+Contenders, each in a fresh process, on shards built from ``builtin:digits`` (train split):
+
+- ``direct``: ``cluster.worker.run_loop`` in one process with a ``LocalSession`` (no Ray at all:
+  checkpoints copied into the run directory, reports kept in memory);
+- ``ray``: ``cluster.trainer.fit`` — the same ``run_loop`` as the only Ray Train worker of a local Ray
+  instance (TorchTrainer, controller, ``ray.train.report`` barriers, checkpoint persistence).
+
+Both use ``configs/demo.yaml`` with ``scaling.num_workers=1`` (global batch 128 on one worker), kNN
+monitor off, the same seed and number of epochs, checkpoints at every epoch end and reports every 5
+steps as in the demo. Steps/s is measured by a hook inside the loop from the end of the first epoch
+(warm: DALI pipeline built, allocator warm) to the last step, so it includes everything the loop does
+per step, reports and checkpoints included, and excludes process and Ray start-up.
+
+``demo``: ``configs/demo.yaml`` as the demo runs it (2 Ray workers, kNN monitor on): the fraction of
+step time spent waiting for data, as the workers report it, averaged over the reports after the first
+epoch.
+
+Headline (DESIGN.md): ``ray_vs_direct`` = ray steps/s / direct steps/s (target >= 0.95, i.e. Ray Train
+costs at most 5%), ``data_wait_fraction`` = the demo's warm data-wait fraction (target <= 0.05). On a
+machine shared with other work, run it when the machine is otherwise idle: each contender runs
+``repeats`` times, interleaved, and the best run of each counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import measure_child, parser, print_table, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+class StepTimer:
+    """Worker hook: appends ``time.perf_counter()`` after every step of rank 0 to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_step(self, info: Any) -> None:
+        if info.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{info.step} {time.perf_counter()!r}\n")
+
+
+def _config(shards: str, storage: str, name: str, epochs: int, *, workers: int, knn: bool):
+    from cluster.config import load_config
+
+    overrides = [
+        f"data.train={shards}",
+        f"run.storage={storage}",
+        f"run.name={name}",
+        f"schedule.epochs={epochs}",
+        f"scaling.num_workers={workers}",
+    ]
+    if knn:
+        overrides += [f"data.knn_train={shards}", f"data.knn_val={shards}", "data.knn_max_samples=500"]
+    else:
+        overrides += ["data.knn_val=null", "run.knn_every=0"]
+    return load_config(DEMO, overrides)
+
+
+def _steps_per_s(path: str, warm_step: int) -> tuple[float, int]:
+    rows = [line.split() for line in Path(path).read_text().splitlines()]
+    times = {int(step): float(t) for step, t in rows}
+    steps = sorted(s for s in times if s >= warm_step)
+    if len(steps) < 2:
+        raise RuntimeError(f"too few steps after warm-up step {warm_step}: {steps}")
+    return (steps[-1] - steps[0]) / (times[steps[-1]] - times[steps[0]]), len(steps) - 1
+
+
+def run_direct(shards: str, epochs: int) -> dict:
+    from cluster.storage import RunStorage
+    from cluster.trainer import make_loop_config, preflight
+    from cluster.worker import LocalSession, run_loop
+
+    with tempfile.TemporaryDirectory(prefix="relic-bench-") as tmp:
+        cfg = _config(shards, tmp, "direct", epochs, workers=1, knn=False)
+        facts = preflight(cfg)
+        timer = os.path.join(tmp, "steps.txt")
+        storage = RunStorage.from_url(tmp)
+        loop_config = make_loop_config(cfg, storage, hooks=[StepTimer(timer)], sha="benchmark")
+        session = LocalSession(storage.run_url(cfg.run.name))
+        os.makedirs(session.run_dir, exist_ok=True)
+        t0 = time.perf_counter()
+        run_loop(loop_config, session)
+        wall = time.perf_counter() - t0
+        rate, measured = _steps_per_s(timer, facts["steps_per_epoch"])
+        waits = [r["data_wait_fraction"] for r in session.reports if r["epoch"] >= 1]
+    return {
+        "steps_per_s": rate,
+        "steps_measured": measured,
+        "wall_s": wall,
+        "data_wait_fraction": sum(waits) / len(waits),
+    }
+
+
+def run_ray(shards: str, epochs: int) -> dict:
+    from ray import cloudpickle
+
+    from cluster.trainer import fit, preflight, ray_session
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    with tempfile.TemporaryDirectory(prefix="relic-bench-") as tmp:
+        cfg = _config(shards, tmp, "ray", epochs, workers=1, knn=False)
+        facts = preflight(cfg)
+        timer = os.path.join(tmp, "steps.txt")
+        with ray_session(num_cpus=2):
+            t0 = time.perf_counter()
+            result = fit(cfg, progress=False, hooks=[StepTimer(timer)])
+            wall = time.perf_counter() - t0
+        rate, measured = _steps_per_s(timer, facts["steps_per_epoch"])
+        waits = [m["data_wait_fraction"] for m in result.metrics if m["epoch"] >= 1]
+    return {
+        "steps_per_s": rate,
+        "steps_measured": measured,
+        "wall_s": wall,
+        "data_wait_fraction": sum(waits) / len(waits),
+    }
+
+
+def run_demo(shards: str, epochs: int) -> dict:
+    from cluster.trainer import fit, ray_session
+
+    with tempfile.TemporaryDirectory(prefix="relic-bench-") as tmp:
+        cfg = _config(shards, tmp, "demo", epochs, workers=2, knn=True)
+        with ray_session(num_cpus=2):
+            t0 = time.perf_counter()
+            result = fit(cfg, progress=False)
+            wall = time.perf_counter() - t0
+    warm = [m for m in result.metrics if m["epoch"] >= 1]
+    return {
+        "data_wait_fraction": sum(m["data_wait_fraction"] for m in warm) / len(warm),
+        "data_wait_fraction_first_epoch": sum(
+            m["data_wait_fraction"] for m in result.metrics if m["epoch"] == 0
+        )
+        / max(1, sum(1 for m in result.metrics if m["epoch"] == 0)),
+        "images_per_s": sum(m["images_per_s"] for m in warm) / len(warm),
+        "reports": len(result.metrics),
+        "wall_s": wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser("ray_overhead", __doc__).parse_args(argv)
+    epochs, repeats = (3, 1) if args.quick else (6, 2)
+    from pipeline.shards.build import build_shards
+
+    with tempfile.TemporaryDirectory(prefix="relic-bench-shards-") as tmp:
+        shards = os.path.join(tmp, "train")
+        build_shards("builtin:digits?split=train", shards, max_samples=256, index=True, progress=False)
+        runs: dict[str, list[dict]] = {"direct": [], "ray": []}
+        for _ in range(repeats):  # interleaved, so that a burst of other load hits both
+            runs["direct"].append(measure_child(run_direct, shards, epochs))
+            runs["ray"].append(measure_child(run_ray, shards, epochs))
+        demo = measure_child(run_demo, shards, epochs)
+
+    best = {name: max(r, key=lambda x: x["steps_per_s"]) for name, r in runs.items()}
+    ratio = best["ray"]["steps_per_s"] / best["direct"]["steps_per_s"]
+    rows = [
+        {
+            "contender": name,
+            "steps/s": b["steps_per_s"],
+            "steps": b["steps_measured"],
+            "wait": b["data_wait_fraction"],
+            "peak RSS MB": b["peak_rss_mb"],
+            "all runs steps/s": ", ".join(f"{r['steps_per_s']:.3f}" for r in runs[name]),
+        }
+        for name, b in best.items()
+    ]
+    rows.append(
+        {
+            "contender": "demo (2 workers)",
+            "wait": demo["data_wait_fraction"],
+            "peak RSS MB": demo["peak_rss_mb"],
+        }
+    )
+    print_table(
+        rows,
+        ["contender", "steps/s", "steps", "wait", "peak RSS MB", "all runs steps/s"],
+        title=f"Ray Train overhead: demo config, 1 worker, {epochs} epochs (warm steps after epoch 1)",
+    )
+    print(
+        f"\nray_vs_direct = {ratio:.3f}   data_wait_fraction (demo, warm) = {demo['data_wait_fraction']:.3f}"
+    )
+    write_results(
+        args.out,
+        {"ray_vs_direct": ratio, "data_wait_fraction": demo["data_wait_fraction"]},
+        {"direct": runs["direct"], "ray": runs["ray"], "demo": demo},
+        config={
+            "config": str(DEMO.relative_to(REPO)),
+            "epochs": epochs,
+            "repeats": repeats,
+            "quick": args.quick,
+        },
+    )
+    print(json.dumps({"ray_vs_direct": ratio, "data_wait_fraction": demo["data_wait_fraction"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
