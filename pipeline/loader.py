@@ -73,6 +73,7 @@ class _Feeder(threading.Thread):
         self.batches = batches
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stopped = threading.Event()
+        self.error: BaseException | None = None
 
     def _put(self, item: Any) -> bool:
         while not self.stopped.is_set():
@@ -90,6 +91,7 @@ class _Feeder(threading.Thread):
                     return
             self._put(_END)
         except BaseException as e:  # handed to the consumer, which re-raises it
+            self.error = e
             self._put(e)
         finally:
             close = getattr(self.batches, "close", None)
@@ -313,8 +315,8 @@ class ViewLoader:
                 except StopIteration:
                     return
                 except RuntimeError as e:
-                    if not inflight:
-                        raise
+                    if not inflight or feeder.error is not None:
+                        raise  # nothing of ours in flight, or the reader itself failed
                     failures += 1
                     if failures > self.max_attempts:
                         raise RuntimeError(
@@ -322,7 +324,10 @@ class ViewLoader:
                             f"(keys {inflight[0].keys[:4]}...) even after replacing undecodable samples"
                         ) from e
                     log.warning(
-                        "ViewLoader: DALI failed on batch %d of epoch %d (%s); recovering", index, epoch, e
+                        "ViewLoader: DALI failed on batch %d of epoch %d (%s); recovering",
+                        index,
+                        epoch,
+                        _reason(e),
                     )
                     lost = list(inflight)
                     inflight.clear()

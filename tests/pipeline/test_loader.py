@@ -142,6 +142,16 @@ def test_reader_errors_propagate_and_early_exit_stops_the_feeder(images):
     with pytest.raises(OSError, match="connection reset"):
         list(ViewLoader(Failing(images[:8], batch_size=4), preset("demo")).epoch(0))
 
+    class Broken(ListReader):  # a RuntimeError from the reader is not mistaken for a DALI decode error
+        def epoch(self, epoch, start_batch=0):
+            yield from list(super().epoch(epoch, start_batch))[:1]
+            raise RuntimeError("manifest changed under the reader")
+
+    loader = ViewLoader(Broken(images[:8], batch_size=4), preset("demo"))
+    with pytest.raises(RuntimeError, match="manifest changed"):
+        list(loader.epoch(0))
+    assert loader.stats["pipeline_rebuilds"] == 0
+
     before = threading.active_count()
     it = ViewLoader(ListReader(images, batch_size=2), preset("demo"), prefetch=1).epoch(0)
     next(it)
