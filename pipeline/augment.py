@@ -143,11 +143,12 @@ def preset(name: str, **overrides: Any) -> ViewRecipe:
 
     - ``relic``: two 224 views with BYOL's asymmetric augmentation (ReLIC, Mitrovic et al. 2021,
       arXiv 2010.07922, uses BYOL's augmentations; Grill et al. 2020, Table 6).
-    - ``relicv2``: ``relic``'s two large views plus ``num_small`` (default 4) 96x96 crops, multi-crop as
-      in SwAV (Caron et al. 2020, arXiv 2006.09882, §3/Appendix: large crops area (0.14, 1), small
-      crops (0.05, 0.14)), which ReLICv2 (Tomasev et al. 2022, arXiv 2201.05119) adopts for its small
-      views. Small views get view-1 style augmentation (blur p 0.5, no solarize), SwAV's choice for
-      every crop being not the asymmetric one. The number of small crops is a tunable, not a claim.
+    - ``relicv2``: ``relic``'s two large views plus ``num_small`` (default 4) 96x96 crops. ReLICv2
+      (Tomasev et al. 2022, arXiv 2201.05119) takes its multi-crop views from SwAV (Caron et al. 2020,
+      arXiv 2006.09882, multi-crop: large crops area (0.14, 1), small crops (0.05, 0.14)); those are
+      the scales used here (SwAV's values; ReLICv2's appendix could not be checked offline when this
+      was written). Small crops get the symmetric part of the BYOL recipe with SwAV's blur p = 0.5
+      and no solarize. The number of small crops is a tunable, not a claim.
     - ``demo``: two 32x32 views for the CPU demo on digits: crops keep at least 40% of the area, no
       flip (digits are not mirror symmetric), blur sigma scaled to the small image.
 
