@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def ray_train_errors() -> tuple[type[BaseException], ...]:
+    from ray.train import TrainingFailedError
+
+    return (TrainingFailedError,)
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     try:
@@ -65,11 +71,18 @@ def run(args: argparse.Namespace) -> int:
     print(f"relic train: git {git_sha()}", flush=True)
     print("relic train: resolved config:\n" + cfg.to_yaml(), flush=True)
     with ray_session(worker_logs=args.worker_logs):
-        result = fit(cfg, progress=(lambda line: print(line, flush=True)) if not args.quiet else False)
-    final = result.final_metrics or {}
-    print(
-        f"relic train: done at step {final.get('step')} — run {result.run_dir}, "
-        f"latest checkpoint {result.checkpoint}",
-        flush=True,
-    )
+        try:
+            result = fit(cfg, progress=(lambda line: print(line, flush=True)) if not args.quiet else False)
+        except ConfigError as e:
+            print(f"relic train: {e}", file=sys.stderr)
+            return 2
+        except ray_train_errors() as e:
+            print(f"relic train: training failed for good: {e}", file=sys.stderr)
+            return 1
+    final = result.final_metrics
+    where = f"run {result.run_dir}, latest checkpoint {result.checkpoint}"
+    if final is None:
+        print(f"relic train: nothing left to train (the run had reached its last step) — {where}", flush=True)
+    else:
+        print(f"relic train: done at step {final['step']} — {where}", flush=True)
     return 0

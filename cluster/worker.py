@@ -41,6 +41,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+#: How long rank 0 waits for Ray Train to commit a checkpoint it reported before training goes on.
+COMMIT_TIMEOUT_S = 600.0
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -283,9 +286,17 @@ class RaySession:
 
         if name is None:
             ray.train.report(metrics)
-        else:
-            checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+            return
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if checkpoint is not None:
+            # The controller collects reports by polling the workers: a worker that dies within a poll
+            # interval of its report takes the report, and so the checkpoint, with it, and the restart
+            # would begin from an older one. Wait until the controller has committed this checkpoint
+            # (the other ranks wait for this rank at the next collective).
+            ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=COMMIT_TIMEOUT_S
+            )
 
 
 class LocalSession:

@@ -163,9 +163,10 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(
     ref_result, ref_records, _ = reference
     result, recs, lines, root = killed_run
     storage, options, _ = s3_run_root
+    story = "\n".join([*lines, *map(str, result.failures)])
     assert (root / "killed").exists(), "the worker was never killed"
-    assert len(result.failures) >= 1, lines
-    assert any("resumed from the checkpoint at step 4" in line for line in lines), lines
+    assert len(result.failures) >= 1, story
+    assert any("resumed from the checkpoint at step 4" in line for line in lines), story
 
     starts = [r for r in recs if r["event"] == "start" and r["rank"] == 0]
     assert [s["restored_step"] for s in starts] == [None, 4]
