@@ -346,6 +346,17 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
             else:
                 verdict = "no — alpha > 0 is not more accurate under corruptions on this run"
             se = _standard_error(encoders[a]["knn_corrupted"], data.get("test"))
+            n = data.get("test")
+            if isinstance(n, int) and n > 0:
+                noise = max(
+                    math.sqrt(max(encoders[x][f"{p}_corrupted"] * (1 - encoders[x][f"{p}_corrupted"]), 0) / n)
+                    for x in (a, b)
+                    for p in PROBES
+                )
+                if all(abs(d[f"{p}_corrupted"]) < noise for p in PROBES):
+                    verdict += (
+                        " (both differences are smaller than one standard error: no measurable difference)"
+                    )
             out.append(
                 f"- **Does alpha > 0 beat alpha = 0 under corruptions?** {verdict}. For scale: one accuracy "
                 f"on {data.get('test')} test images has a binomial standard error of about {se}, and this is "
