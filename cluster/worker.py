@@ -330,7 +330,7 @@ class LocalSession:
 
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker`` (see module doc). ``loop_config`` is built by
-    ``cluster.trainer.loop_config``: the resolved config as a dict, the run directory, storage options."""
+    ``cluster.trainer.make_loop_config``: the resolved config as a dict, the run directory, storage options."""
     from cluster.config import config_from_dict
 
     cfg = config_from_dict(loop_config["config"])

@@ -105,6 +105,7 @@ def _run(shards: str, root: Path, *overrides: str) -> tuple[LocalSession, list[d
     return session, records
 
 
+@pytest.mark.slow
 def test_local_loop_resumes_exactly_and_runs_the_knn_monitor(small_shards, tmp_path):
     knn = [f"data.knn_val={small_shards}", "run.knn_every=1", "data.knn_max_samples=64", "run.report_every=5"]
     whole, ref = _run(small_shards, tmp_path / "whole", "run.max_steps=14", "run.checkpoint_every=6", *knn)
