@@ -266,6 +266,7 @@ class RaySession:
             self.device = ray.train.torch.get_device()
         else:
             self.device = torch.device("cpu")
+        self._uncommitted = False
 
     @contextlib.contextmanager
     def checkpoint_dir(self) -> Iterator[tuple[str, str] | tuple[None, None]]:
@@ -284,19 +285,23 @@ class RaySession:
     ) -> None:
         import ray.train
 
+        if self._uncommitted:
+            # The controller collects reports by polling the workers (every 2 s): a worker that dies
+            # before the poll takes its last report, and the checkpoint in it, along, and the restart
+            # begins from an older checkpoint. So before reporting anything else, rank 0 waits until
+            # the previous checkpoint is committed — a report interval later it almost always is, so
+            # this costs nothing, while waiting right after the checkpoint would stall training for a
+            # poll interval at every checkpoint. (The other ranks wait at the next collective.)
+            ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=COMMIT_TIMEOUT_S
+            )
+            self._uncommitted = False
         if name is None:
             ray.train.report(metrics)
             return
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-        if checkpoint is not None:
-            # The controller collects reports by polling the workers: a worker that dies within a poll
-            # interval of its report takes the report, and so the checkpoint, with it, and the restart
-            # would begin from an older one. Wait until the controller has committed this checkpoint
-            # (the other ranks wait for this rank at the next collective).
-            ray.train.get_all_reported_checkpoints(
-                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=COMMIT_TIMEOUT_S
-            )
+        self._uncommitted = checkpoint is not None
 
 
 class LocalSession:
