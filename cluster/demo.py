@@ -172,7 +172,7 @@ def train_encoders(
 def load_eval_data(
     urls: Mapping[str, str], recipe: Any, *, max_train: int | None = None, max_test: int | None = None
 ) -> EvalData:
-    from cluster.evaluate_cli import load_labelled_images
+    from cluster.labelled import load_labelled_images
 
     view = recipe.views[0]
     return EvalData(

@@ -16,111 +16,19 @@ Images are decoded from the shards with PIL, resized (shorter side) and centre-c
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from PIL import Image
-
+from cluster.labelled import load_labelled_images
 from pipeline import storage
-from pipeline.shards.manifest import load_manifest
 
 
 def log_line(message: str) -> None:
     """Progress on stderr, so that stdout carries only the results table."""
     print(message, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------------------
-# Labelled images from shards
-
-
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    """Shorter side to ``size`` (bicubic), then the central ``size`` x ``size`` square."""
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-def load_labelled_images(
-    url: str,
-    *,
-    size: int | None = None,
-    max_samples: int | None = None,
-    storage_options: dict[str, Any] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every labelled sample of the shard set at ``url`` -> ``(uint8 [N, 3, S, S], int64 labels [N])``.
-
-    Shards are read in manifest order, samples in tar order (deterministic, no shuffling, no
-    padding); ``max_samples`` keeps the first N. Images are decoded with PIL as RGB and, when ``size``
-    is given, resized (shorter side) and centre-cropped to it; without ``size`` all images must have
-    the same size. Samples without a readable label raise ``ValueError`` naming the shard and key.
-    """
-    from pipeline.reader import parse_label
-
-    manifest = load_manifest(url, storage_options)
-    if not manifest.has_labels:
-        raise ValueError(
-            f"{manifest.url}: the shards carry no labels (label_ext is null); evaluation needs labels"
-        )
-    image_exts = {"jpg", "jpeg"} if manifest.image_ext in ("jpg", "jpeg") else {manifest.image_ext}
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    for i in range(len(manifest.shards)):
-        shard = manifest.shard_url(i)
-        samples: dict[str, dict[str, bytes]] = {}
-        order: list[str] = []
-        with storage.open_url(shard, "rb", storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                if ext not in image_exts and ext != manifest.label_ext:
-                    continue
-                data = tar.extractfile(member).read()
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                samples[key][ext] = data
-        for key in order:
-            parts = samples[key]
-            image = next((parts[e] for e in image_exts if e in parts), None)
-            if image is None:
-                raise ValueError(f"{shard}: sample {key!r} has no image ({'/'.join(sorted(image_exts))})")
-            label = parse_label(parts.get(manifest.label_ext), manifest)
-            if label is None or label < 0:
-                raise ValueError(f"{shard}: sample {key!r} has no readable .{manifest.label_ext} label")
-            with Image.open(io.BytesIO(image)) as img:
-                rgb = img.convert("RGB")
-            if size is not None:
-                rgb = _resize_center_crop(rgb, size)
-            arr = np.asarray(rgb, dtype=np.uint8)
-            if images and arr.shape != images[0].shape:
-                raise ValueError(
-                    f"{shard}: sample {key!r} is {arr.shape[1]}x{arr.shape[0]}, earlier samples "
-                    f"{images[0].shape[1]}x{images[0].shape[0]}; pass size= to resize"
-                )
-            images.append(arr)
-            labels.append(label)
-            if max_samples is not None and len(images) >= max_samples:
-                break
-        if max_samples is not None and len(images) >= max_samples:
-            break
-    if not images:
-        raise ValueError(f"{manifest.url}: no samples")
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return x, torch.tensor(labels, dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------------------------------

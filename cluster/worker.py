@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import io
 import logging
 import os
 import shutil
@@ -141,36 +140,6 @@ def aggregate(per_rank: list[dict[str, Any]], skip_reasons: tuple[str, ...]) -> 
 # kNN monitor
 
 
-def decode_labelled(
-    url: str, *, size: int, max_samples: int, storage_options: dict[str, Any] | None, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to ``max_samples`` images of a labelled shard set as uint8 [N,3,size,size] (shorter side
-    resized to ``size``, centre crop) and int64 labels [N]. PIL, one process: the monitor is small."""
-    from PIL import Image
-
-    from pipeline.reader import ShardReader
-
-    reader = ShardReader(
-        url, batch_size=1, rank=0, world_size=1, seed=seed, shuffle_buffer=1, storage_options=storage_options
-    )
-    images, labels = [], []
-    for raw in reader.epoch(0):
-        for data, label in zip(raw.images, raw.labels):
-            with Image.open(io.BytesIO(data)) as im:
-                im = im.convert("RGB")
-                w, h = im.size
-                scale = size / min(w, h)
-                im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-                w, h = im.size
-                left, top = (w - size) // 2, (h - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-                images.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1))
-            labels.append(int(label))
-        if len(images) >= max_samples:
-            break
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
-
-
 class KNNMonitor:
     """Weighted kNN accuracy of the frozen encoder: bank = ``knn_train``, queries = ``knn_val``."""
 
@@ -183,11 +152,15 @@ class KNNMonitor:
         self._data: tuple | None = None
 
     def _load(self) -> tuple:
+        from cluster.labelled import load_labelled_images
+
         if self._data is None:
             d = self.cfg.data
             kw = {"size": self.size, "max_samples": d.knn_max_samples}
-            bank = decode_labelled(d.knn_train or d.train, storage_options=self.options["knn_train"], **kw)
-            query = decode_labelled(d.knn_val, storage_options=self.options["knn_val"], **kw)
+            bank = load_labelled_images(
+                d.knn_train or d.train, storage_options=self.options["knn_train"], **kw
+            )
+            query = load_labelled_images(d.knn_val, storage_options=self.options["knn_val"], **kw)
             self._data = (*bank, *query)
         return self._data
 
