@@ -8,16 +8,20 @@ contender (``measure_child``), because a process's high-water mark never goes do
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import platform
+import queue as queue_mod
 import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -39,6 +43,13 @@ def children_peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads) and its waited-for children: a cost figure
+    that other load on the machine does not distort the way it distorts wall-clock time."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _child(fn: Callable[..., dict], args: tuple, queue: mp.Queue) -> None:
     try:
         result = fn(*args)
@@ -48,21 +59,43 @@ def _child(fn: Callable[..., dict], args: tuple, queue: mp.Queue) -> None:
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
+def _tree_rss_bytes(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # a worker that just exited
+            total += p.memory_info().rss
+    return total
+
+
 def measure_child(fn: Callable[..., dict], *args: Any, timeout: float = 1800) -> dict:
-    """Run ``fn(*args)`` in a fresh process (spawn) and return its result dict plus ``peak_rss_mb``."""
+    """Run ``fn(*args)`` in a fresh process (spawn) and return its result dict plus ``peak_rss_mb``
+    (that process's own high-water mark, or its largest child's) and ``tree_peak_rss_mb``: the peak
+    of the summed RSS of the process and all its descendants (DataLoader workers, build workers),
+    sampled every 20 ms *from this process* — a sampling thread inside the contender would change
+    what it measures (e.g. the shard build forks its workers only when it runs no other thread)."""
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, queue))
     proc.start()
+    watched = psutil.Process(proc.pid)
+    peak, deadline = 0, time.monotonic() + timeout
+    name = getattr(fn, "__name__", fn)
     try:
-        status, payload = queue.get(timeout=timeout)
+        while True:
+            peak = max(peak, _tree_rss_bytes(watched))
+            try:
+                status, payload = queue.get(timeout=0.02)
+                break
+            except queue_mod.Empty:
+                if time.monotonic() > deadline or not proc.is_alive():
+                    raise RuntimeError(f"benchmark contender {name} died or timed out") from None
     finally:
         proc.join(timeout=60)
         if proc.is_alive():
             proc.kill()
     if status != "ok":
-        raise RuntimeError(f"benchmark contender {getattr(fn, '__name__', fn)} failed: {payload}")
-    return payload
+        raise RuntimeError(f"benchmark contender {name} failed: {payload}")
+    return {**payload, "tree_peak_rss_mb": peak / 2**20}
 
 
 class Timer:

@@ -24,8 +24,8 @@ Peak RSS: our loader's RSS rises over its first ~30 batches (glibc keeps the var
 buffers that DALI's threads free in per-thread arenas) and then stays flat; 2,000 photos (62
 batches) put the 1x run past that warm-up, so ``rss_growth_4x`` compares steady states.
 ``peak_rss_mb`` is the contender process's high-water mark (or its largest child's);
-``tree_rss_mb`` is the peak of the summed RSS of the process and its children, sampled every 50 ms
-(DataLoader workers are separate processes, DALI threads are not).
+``tree_peak_rss_mb`` is the peak of the summed RSS of the process and its children, sampled every
+20 ms by ``measure_child`` (DataLoader workers are separate processes, DALI threads are not).
 
 Headline: ``speedup_vs_torchvision`` = ours / torchvision view pairs per second;
 ``ratio_vs_dali_native`` = ours / dali_native; ``rss_growth_4x`` = ours_4x / ours tree peak RSS;
@@ -34,51 +34,17 @@ Headline: ``speedup_vs_torchvision`` = ours / torchvision view pairs per second;
 
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import measure_child, parser, print_table, write_results
+from benchmarks.common import cpu_seconds, measure_child, parser, print_table, write_results
 
 BATCH = 32
 THREADS = 2
 WARMUP = 2
-
-
-class _TreeRss(threading.Thread):
-    """Peak of the summed RSS of this process and its descendants, sampled every 50 ms."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak = 0.0
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        import psutil
-
-        me = psutil.Process()
-        while not self.done.wait(0.05):
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    total += p.memory_info().rss
-            self.peak = max(self.peak, total / 2**20)
-
-    def stop(self) -> float:
-        self.done.set()
-        self.join()
-        return self.peak
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process (all threads) and its waited-for children."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _timed(batches, batch_size: int, cpu_start: float) -> dict:
@@ -97,7 +63,7 @@ def _timed(batches, batch_size: int, cpu_start: float) -> dict:
         "samples_timed": n,
         "seconds": round(seconds, 3),
         "pairs_per_s": n / seconds,
-        "cpu_ms_per_pair": 1000 * (_cpu_seconds() - cpu_start) / total,
+        "cpu_ms_per_pair": 1000 * (cpu_seconds() - cpu_start) / total,
     }
 
 
@@ -106,13 +72,10 @@ def run_ours(shards: str) -> dict:
     from pipeline.loader import ViewLoader
     from pipeline.reader import ShardReader
 
-    cpu_start = _cpu_seconds()
-    sampler = _TreeRss()
-    sampler.start()
+    cpu_start = cpu_seconds()
     reader = ShardReader(shards, batch_size=BATCH, seed=0)
     loader = ViewLoader(reader, preset("relic"), seed=0, num_threads=THREADS)
     result = _timed(loader.epoch(0), BATCH, cpu_start)
-    result["tree_rss_mb"] = sampler.stop()
     result["stats"] = {k: v for k, v in loader.stats.items() if v}
     return result
 
@@ -121,12 +84,9 @@ def run_torchvision(shards: str) -> dict:
     from pipeline.augment import preset
     from pipeline.reference import reference_loader
 
-    cpu_start = _cpu_seconds()
-    sampler = _TreeRss()
-    sampler.start()
+    cpu_start = cpu_seconds()
     loader = reference_loader(shards, preset("relic"), batch_size=BATCH, num_workers=THREADS)
     result = _timed(iter(loader), BATCH, cpu_start)
-    result["tree_rss_mb"] = sampler.stop()
     return result
 
 
@@ -140,9 +100,7 @@ def run_dali_native(shards: str) -> dict:
     from pipeline.loader import to_torch
     from pipeline.shards.manifest import load_manifest
 
-    cpu_start = _cpu_seconds()
-    sampler = _TreeRss()
-    sampler.start()
+    cpu_start = cpu_seconds()
     manifest = load_manifest(shards)
     root = os.path.dirname(manifest.url)
     tars = [os.path.join(root, s.name) for s in manifest.shards]
@@ -171,7 +129,6 @@ def run_dali_native(shards: str) -> dict:
 
     torch.set_num_threads(1)
     result = _timed(batches(), BATCH, cpu_start)
-    result["tree_rss_mb"] = sampler.stop()
     return result
 
 
@@ -246,7 +203,7 @@ def main() -> None:
             "samples_per_s",
             "seconds",
             "peak_rss_mb",
-            "tree_rss_mb",
+            "tree_peak_rss_mb",
         ],
         title=f"relic recipe (2 x 224 views), batch {BATCH}, {THREADS} threads/workers, {count} photos",
     )
@@ -254,7 +211,7 @@ def main() -> None:
     headline = {
         "speedup_vs_torchvision": ours["pairs_per_s"] / tv["pairs_per_s"],
         "ratio_vs_dali_native": ours["pairs_per_s"] / native["pairs_per_s"],
-        "rss_growth_4x": x4["tree_rss_mb"] / ours["tree_rss_mb"],
+        "rss_growth_4x": x4["tree_peak_rss_mb"] / ours["tree_peak_rss_mb"],
         "reader_samples_per_s": contenders["reader"]["samples_per_s"],
     }
     print_table([headline], list(headline), title="headline")

@@ -28,15 +28,13 @@ load; the ratio of medians is recorded too, as ``speedup_vs_plain_median``); ``r
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import os
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.common import Timer, parser, print_table, write_results
+from benchmarks.common import Timer, cpu_seconds, measure_child, parser, print_table, write_results
 
 # Samples per shard for both contenders. A build parallelises across shards (one shard = one task), so a
 # shard set needs at least 2 x workers shards to keep the workers busy: 2,000 files -> 4 shards.
@@ -59,63 +57,6 @@ def make_folder(folder: str, count: int, start: int = 0) -> int:
         return sum(pool.map(_write_photo, [(i, folder) for i in range(start, start + count)], chunksize=64))
 
 
-def _tree_rss(proc) -> int:
-    total = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        with contextlib.suppress(Exception):  # a worker that just exited
-            total += p.memory_info().rss
-    return total
-
-
-def _contender(fn, args, queue) -> None:
-    try:
-        queue.put(("ok", fn(*args)))
-    except BaseException as e:
-        queue.put(("error", f"{type(e).__name__}: {e}"))
-
-
-def measure_tree(fn, *args, timeout: float = 1800) -> dict:
-    """Run ``fn(*args)`` in a fresh process; add ``tree_peak_rss_mb``, the peak of the summed RSS of that
-    process and all its descendants, sampled every 20 ms *from this process* (a sampling thread inside
-    the contender would change what it measures: the build forks its workers only when it runs no
-    other thread)."""
-    import multiprocessing as mp
-    import queue as queue_mod
-
-    import psutil
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_contender, args=(fn, args, q))
-    proc.start()
-    watched = psutil.Process(proc.pid)
-    peak, deadline = 0, time.monotonic() + timeout
-    try:
-        while True:
-            peak = max(peak, _tree_rss(watched))
-            try:
-                status, payload = q.get(timeout=0.02)
-                break
-            except queue_mod.Empty:
-                if time.monotonic() > deadline or not proc.is_alive():
-                    raise RuntimeError(f"contender {fn.__name__} died or timed out") from None
-    finally:
-        proc.join(timeout=60)
-        if proc.is_alive():
-            proc.kill()
-    if status != "ok":
-        raise RuntimeError(f"contender {fn.__name__} failed: {payload}")
-    return {**payload, "tree_peak_rss_mb": peak / 2**20}
-
-
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process and its waited-for children (the build's workers)."""
-    import resource
-
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def run_plain(folder: str, out: str) -> dict:
     import io
 
@@ -124,7 +65,7 @@ def run_plain(folder: str, out: str) -> dict:
 
     files = sorted(os.listdir(folder))
     os.makedirs(out, exist_ok=True)
-    cpu0 = _cpu_seconds()
+    cpu0 = cpu_seconds()
     with Timer() as t:
         nbytes = 0
         with wds.ShardWriter(os.path.join(out, "plain-%06d.tar"), maxcount=SHARD_SAMPLES, verbose=0) as sink:
@@ -138,17 +79,17 @@ def run_plain(folder: str, out: str) -> dict:
         "images": len(files),
         "seconds": t.seconds,
         "mb": nbytes / 1e6,
-        "cpu_seconds": _cpu_seconds() - cpu0,
+        "cpu_seconds": cpu_seconds() - cpu0,
     }
 
 
 def run_relic(folder: str, out: str, workers: int) -> dict:
     from pipeline.shards.build import build_shards
 
-    cpu0 = _cpu_seconds()
+    cpu0 = cpu_seconds()
     with Timer() as t:
         m = build_shards(folder, out, max_samples=SHARD_SAMPLES, workers=workers, progress=False)
-    cpu = _cpu_seconds() - cpu0
+    cpu = cpu_seconds() - cpu0
     return {
         "images": m.total_samples,
         "seconds": t.seconds,
@@ -176,9 +117,9 @@ def main() -> None:
             for name in runs:
                 out = str(work / f"out-{name}-{r}")
                 if name == "plain":
-                    res = measure_tree(run_plain, folder, out)
+                    res = measure_child(run_plain, folder, out)
                 else:
-                    res = measure_tree(run_relic, folder, out, int(name[-1]))
+                    res = measure_child(run_relic, folder, out, int(name[-1]))
                 res["images_per_s"] = res["images"] / res["seconds"]
                 res["mb_per_s"] = res["mb"] / res["seconds"]
                 res["images_per_cpu_s"] = res["images"] / max(res["cpu_seconds"], 1e-9)
@@ -220,7 +161,7 @@ def main() -> None:
             os.link(os.path.join(folder, name), os.path.join(small, name))
         mem = {}
         for label, src in (("1x", small), ("4x", folder)):
-            res = measure_tree(run_relic, src, str(work / f"mem-{label}"), 2)
+            res = measure_child(run_relic, src, str(work / f"mem-{label}"), 2)
             shutil.rmtree(work / f"mem-{label}", ignore_errors=True)
             mem[label] = res
         growth = mem["4x"]["tree_peak_rss_mb"] / mem["1x"]["tree_peak_rss_mb"]
