@@ -105,9 +105,11 @@ class RunConfig:
     seed: int = 0
     # Report metrics every this many optimiser steps (every rank reports; rank 0's are logged).
     report_every: int = 10
-    # Checkpoint every this many steps (0: only at epoch ends); a checkpoint is also written at
-    # every epoch end and at the end of training.
+    # Checkpoint every this many steps (0: none between epoch ends); checkpoints are also written
+    # at the end of every `checkpoint_every_epochs`-th epoch and at the end of training.
     checkpoint_every: int = 0
+    # Checkpoint at the end of every this many epochs (0: never at epoch ends, only the above).
+    checkpoint_every_epochs: int = 1
     # Checkpoints kept in storage (the oldest are deleted first).
     num_to_keep: int | None = 2
     # Worker-group restarts from the last checkpoint before the run fails (-1: unlimited).
@@ -126,7 +128,7 @@ class RunConfig:
         if not self.name or "/" in self.name:
             raise ValueError(f"name: expected a non-empty name without '/', got {self.name!r}")
         _positive(self, "report_every", "knn_k")
-        _non_negative(self, "checkpoint_every", "knn_every", "seed")
+        _non_negative(self, "checkpoint_every", "checkpoint_every_epochs", "knn_every", "seed")
         if self.num_to_keep is not None and self.num_to_keep < 1:
             raise ValueError(f"num_to_keep: expected null or >= 1, got {self.num_to_keep}")
         if self.max_failures < -1:

@@ -8,16 +8,20 @@ Each worker:
 3. builds the ``TrainState`` (same seed on every rank -> identical initial weights), restores it from
    ``ray.train.get_checkpoint()`` when Ray hands one over (a restart after a failure, or a new run
    with the name of an existing one), then wraps the online network in DDP (gloo on CPU, nccl on GPU);
-4. trains. The epoch is consumed in *segments* that end at checkpoint boundaries (every
-   ``run.checkpoint_every`` steps, every epoch end, the last step). Each segment is one
+4. trains. The epoch is consumed in *segments* that end at epoch ends, every
+   ``run.checkpoint_every`` steps and at the last step; checkpoints are written at segment ends
+   (every ``run.checkpoint_every`` steps, every ``run.checkpoint_every_epochs``-th epoch end, the
+   last step), so every checkpoint is the start of a segment. Each segment is one
    ``loader.epoch(epoch, start_batch)`` call, so a run resumed from a checkpoint asks the loader for
    exactly the same segment as the uninterrupted run did: same samples (the reader's resume
    contract) and same augmentations (the loader seeds DALI from (seed, rank, epoch, start_batch)).
-   The cost is a pipeline rebuild per checkpoint, when training pauses for the checkpoint anyway.
-5. every ``run.report_every`` steps and at every checkpoint, all ranks call ``ray.train.report`` (the
+   The cost is a pipeline rebuild per segment (per epoch, and per checkpoint within one).
+5. every ``run.report_every`` steps and at every segment end, all ranks call ``ray.train.report`` (the
    same number of times on every rank, as Ray requires); the metrics are aggregated across ranks
    first: loss terms (mean), lr, EMA momentum, images/s (sum), data-wait fraction (mean), skipped
-   samples by reason (sum). Rank 0 attaches the checkpoint and writes TensorBoard events.
+   samples by reason (sum). Rank 0 attaches the checkpoint and writes TensorBoard events. Under Ray
+   the checkpoint uploads in the background (``CheckpointUploadMode.ASYNC``) while training goes on;
+   rank 0 waits for its commit before its next report (see ``RaySession.report``).
 6. at the end of every ``run.knn_every``-th epoch, when ``data.knn_val`` is set, rank 0 runs the
    online kNN monitor (frozen encoder features, weighted kNN; ``training.evaluate``).
 """
@@ -86,12 +90,23 @@ class _KeyTap:
 
 
 def segment_end(step: int, *, steps_per_epoch: int, checkpoint_every: int, end_step: int) -> int:
-    """The first checkpoint boundary after ``step``: the epoch end, the next multiple of
+    """The first segment boundary after ``step``: the epoch end, the next multiple of
     ``checkpoint_every`` (0: none) or ``end_step``, whichever comes first."""
     stop = min((step // steps_per_epoch + 1) * steps_per_epoch, end_step)
     if checkpoint_every:
         stop = min(stop, (step // checkpoint_every + 1) * checkpoint_every)
     return stop
+
+
+def checkpoint_due(
+    step: int, *, steps_per_epoch: int, checkpoint_every: int, checkpoint_every_epochs: int, end_step: int
+) -> bool:
+    """Whether a checkpoint is written after ``step`` steps: at ``end_step``, at multiples of
+    ``checkpoint_every`` and at the end of every ``checkpoint_every_epochs``-th epoch (0: none)."""
+    if step == end_step or (checkpoint_every and step % checkpoint_every == 0):
+        return True
+    epochs, within = divmod(step, steps_per_epoch)
+    return within == 0 and bool(checkpoint_every_epochs) and epochs % checkpoint_every_epochs == 0
 
 
 class _Meter:
@@ -220,7 +235,8 @@ class _TensorBoard:
 
 class RaySession:
     """The loop's view of Ray Train: rank/world/device from the context, the checkpoint to resume
-    from, and ``report`` (every rank, same number of calls; a checkpoint directory from rank 0)."""
+    from, and ``report`` (every rank, same number of calls; a checkpoint directory from rank 0,
+    which the session then owns and deletes once it is uploaded)."""
 
     def __init__(self, use_gpu: bool) -> None:
         import ray
@@ -272,9 +288,21 @@ class RaySession:
         if name is None:
             ray.train.report(metrics)
             return
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-        self._uncommitted = checkpoint is not None
+        if checkpoint_dir is None:
+            ray.train.report(metrics, checkpoint_dir_name=name)
+            return
+        # ASYNC: Ray copies the directory to storage in a background thread and deletes it after,
+        # so training goes on while a checkpoint uploads (to S3 that is most of its cost). The
+        # commit wait above still holds before the next report, and Ray flushes the uploads when
+        # the training function returns.
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            delete_local_checkpoint_after_upload=True,
+        )
+        self._uncommitted = True
 
 
 class LocalSession:
@@ -299,7 +327,10 @@ class LocalSession:
     ) -> None:
         self.reports.append(dict(metrics))
         if checkpoint_dir and name:
-            shutil.copytree(checkpoint_dir, os.path.join(self.run_dir, name), dirs_exist_ok=True)
+            # Owned by the session: moved into place (a rename on the same filesystem).
+            target = os.path.join(self.run_dir, name)
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.move(checkpoint_dir, target)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -441,8 +472,15 @@ def run_loop(loop_config: dict[str, Any], session: Any) -> None:
                     keys = source.pending.popleft() if hooks and source.pending else None
                     for hook in hooks:
                         hook.on_step(info(last, keys, batch))
-                    at_checkpoint = state.step == stop
-                    if state.step % cfg.run.report_every == 0 or at_checkpoint:
+                    at_checkpoint = state.step == stop and checkpoint_due(
+                        state.step,
+                        steps_per_epoch=state.steps_per_epoch,
+                        checkpoint_every=cfg.run.checkpoint_every,
+                        checkpoint_every_epochs=cfg.run.checkpoint_every_epochs,
+                        end_step=end_step,
+                    )
+                    # Every segment end (epoch end, checkpoint, last step) is also a report.
+                    if state.step % cfg.run.report_every == 0 or state.step == stop:
                         epoch_done = state.batch_in_epoch == 0
                         knn = None
                         if monitor is not None and epoch_done and state.epoch % cfg.run.knn_every == 0:
@@ -526,7 +564,9 @@ def _report(
         return
     if tensorboard is not None:
         tensorboard.sync()
-    with tempfile.TemporaryDirectory(prefix="relic-ckpt-") as directory:
+    # The session takes ownership of the directory (uploads it in the background, or moves it).
+    directory = tempfile.mkdtemp(prefix="relic-ckpt-")
+    try:
         state.extra["data"] = {
             "epoch": state.epoch,
             "batch_in_epoch": state.batch_in_epoch,
@@ -534,4 +574,7 @@ def _report(
         }
         meta = ckpt.make_meta(state, git_sha=git_sha, world_size=world, batch_size=batch_size)
         ckpt.write_checkpoint(directory, state, cfg, meta)
-        session.report(metrics, directory, name)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    session.report(metrics, directory, name)

@@ -13,7 +13,7 @@ from cluster.checkpoint import latest_checkpoint, load_model_from_checkpoint
 from cluster.config import load_config
 from cluster.storage import RunStorage
 from cluster.trainer import make_loop_config, progress_line
-from cluster.worker import LocalSession, aggregate, run_loop, segment_end
+from cluster.worker import LocalSession, aggregate, checkpoint_due, run_loop, segment_end
 
 TINY = Path(__file__).with_name("tiny.yaml")
 
@@ -24,6 +24,33 @@ TINY = Path(__file__).with_name("tiny.yaml")
 )
 def test_segments_end_at_checkpoint_boundaries(step, every, end, expected):
     assert segment_end(step, steps_per_epoch=78, checkpoint_every=every, end_step=end) == expected
+
+
+@pytest.mark.parametrize(
+    ("every", "every_epochs", "end"), [(0, 1, 40), (0, 3, 40), (4, 0, 38), (5, 2, 41), (0, 0, 9)]
+)
+def test_checkpoints_are_due_at_their_cadences_and_the_end(every, every_epochs, end):
+    per_epoch = 7
+    expected = {end}
+    expected |= set(range(every, end + 1, every)) if every else set()
+    expected |= (
+        set(range(per_epoch * every_epochs, end + 1, per_epoch * every_epochs)) if every_epochs else set()
+    )
+    due = {
+        s
+        for s in range(1, end + 1)
+        if checkpoint_due(
+            s,
+            steps_per_epoch=per_epoch,
+            checkpoint_every=every,
+            checkpoint_every_epochs=every_epochs,
+            end_step=end,
+        )
+    }
+    assert due == expected
+    # every checkpoint is a segment boundary, so a resumed run starts where a segment starts
+    for s in due - {end}:
+        assert segment_end(s - 1, steps_per_epoch=per_epoch, checkpoint_every=every, end_step=end) == s
 
 
 def test_aggregate_sums_throughput_and_skips_and_averages_waiting():
@@ -138,3 +165,25 @@ def test_local_loop_resumes_exactly_and_runs_the_knn_monitor(small_shards, tmp_p
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, saved["model"][name]), name
     assert loaded.target is not None
+
+
+@pytest.mark.slow
+def test_checkpoints_every_k_epochs_still_report_every_epoch_end(small_shards, tmp_path):
+    knn = [f"data.knn_val={small_shards}", "run.knn_every=1", "data.knn_max_samples=64"]
+    session, _ = _run(
+        small_shards,
+        tmp_path,
+        "schedule.epochs=3",
+        "run.max_steps=23",
+        "run.checkpoint_every=0",
+        "run.checkpoint_every_epochs=2",
+        "run.report_every=100",
+        *knn,
+    )
+    # 11 steps per epoch: epoch ends at 11 and 22, the end at 23; checkpoints at 22 (2nd epoch) and 23
+    assert [r["step"] for r in session.reports] == [11, 22, 23]
+    assert [r["step"] for r in session.reports if "knn_accuracy" in r] == [11, 22]
+    assert sorted(p.name for p in Path(session.run_dir).glob("checkpoint-*")) == [
+        "checkpoint-00000022",
+        "checkpoint-00000023",
+    ]
