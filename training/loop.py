@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -69,7 +70,12 @@ class TrainState:
     samples_in_epoch: int = 0
     """Samples consumed in the current epoch (all ranks)."""
     queue: torch.Tensor | None = None
-    """FIFO of earlier gathered target projections, [Vt, queue_size, D] ring buffer (allocated on first use)."""
+    """FIFO of earlier gathered target projections, L2-normalised, [Vt, queue_size, D] ring buffer
+    (allocated on first use). Inside training it is a view of ``contrast``'s tail."""
+    contrast: torch.Tensor | None = None
+    """[Vt, N + queue_size, D] buffer of the normalised contrast set (N = gathered batch rows first,
+    then the queue), so the queue is neither copied nor re-normalised at every step. Not saved:
+    rebuilt from ``queue``."""
     queue_len: int = 0
     """Valid rows of ``queue`` (grows to queue_size)."""
     queue_ptr: int = 0
@@ -106,7 +112,7 @@ class TrainState:
             "samples_in_epoch": self.samples_in_epoch,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
-            "queue": self.queue,
+            "queue": None if self.queue is None else self.queue.clone(),  # not the whole contrast buffer
             "queue_len": self.queue_len,
             "queue_ptr": self.queue_ptr,
             "extra": self.extra,
@@ -134,6 +140,7 @@ class TrainState:
         self.samples_seen = state["samples_seen"]
         self.samples_in_epoch = state["samples_in_epoch"]
         self.queue = None if state["queue"] is None else state["queue"].to(self.device, copy=True)
+        self.contrast = None
         self.queue_len = state["queue_len"]
         self.queue_ptr = state["queue_ptr"]
         self.extra = dict(state["extra"])
@@ -235,9 +242,17 @@ def relic_objective(
     cfg = state.objective
     local = torch.stack(target, dim=1)  # [B, Vt, D]: one collective for all target views
     gathered = distributed.gather(local) if state.target is not None else distributed.gather_with_grad(local)
-    contrast = list(gathered.unbind(1))
-    if state.queue is not None and state.queue_len:
-        contrast = [torch.cat([c, state.queue[t, : state.queue_len]]) for t, c in enumerate(contrast)]
+    gathered = gathered.transpose(0, 1)  # [Vt, N, D]
+    if cfg.queue_size:
+        # The normalised batch goes in front of the (normalised) queue in one buffer: no per-step
+        # copy or normalisation of the queue. The buffer is used through a fresh detached alias,
+        # so this step's autograd history (the in-place copy) never sticks to ``state.contrast``.
+        buffer = _contrast_buffer(state, gathered).detach()
+        rows = gathered.shape[1]
+        buffer[:, :rows] = F.normalize(gathered, dim=-1)
+        contrast = buffer[:, : rows + state.queue_len]
+    else:
+        contrast = F.normalize(gathered, dim=-1)
     terms = relic_loss(
         online,
         contrast,
@@ -245,12 +260,40 @@ def relic_objective(
         alpha=cfg.alpha,
         offset=distributed.rank() * online[0].shape[0],
         kl_stop_grad=cfg.kl_stop_grad,
+        target_normalized=True,
     )
-    return terms, gathered.detach().transpose(0, 1)
+    return terms, contrast[:, : gathered.shape[1]].detach()
+
+
+def _contrast_buffer(state: TrainState, gathered: torch.Tensor) -> torch.Tensor:
+    """``state.contrast`` for this batch shape, with ``state.queue`` living in its tail (copied in
+    when the queue was set from elsewhere: a checkpoint, a test; its rows are normalised already)."""
+    views, rows, dim = gathered.shape
+    size = state.objective.queue_size
+    buffer = state.contrast
+    if (
+        buffer is not None
+        and buffer.shape == (views, rows + size, dim)
+        and state.queue is not None
+        and state.queue.data_ptr() == buffer[:, rows:].data_ptr()
+        and state.queue.shape == (views, size, dim)
+    ):
+        return buffer
+    buffer = torch.zeros(views, rows + size, dim, dtype=torch.float32, device=gathered.device)
+    if state.queue is not None:
+        if tuple(state.queue.shape) != (views, size, dim):
+            raise ValueError(
+                f"queue has shape {list(state.queue.shape)}, expected [Vt, queue_size, D] = "
+                f"{[views, size, dim]}"
+            )
+        buffer[:, rows:] = state.queue
+    state.contrast, state.queue = buffer, buffer[:, rows:]
+    return buffer
 
 
 def enqueue(state: TrainState, gathered: torch.Tensor) -> None:
-    """Write [Vt, N, D] into the FIFO ring buffer, overwriting the oldest rows."""
+    """Write [Vt, N, D] (normalised target rows, as ``relic_objective`` returns them) into the FIFO
+    ring buffer, overwriting the oldest rows."""
     size = state.objective.queue_size
     if size == 0:
         return

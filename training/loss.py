@@ -46,6 +46,7 @@ def relic_loss(
     alpha: float,
     offset: int = 0,
     kl_stop_grad: bool = True,
+    target_normalized: bool = False,
 ) -> LossTerms:
     r"""ReLIC loss of Vo online views [B, D] against Vt target views [M, D]; scalar terms, means over anchors.
 
@@ -59,6 +60,8 @@ def relic_loss(
         total       = contrastive + alpha * invariance
 
     ``sg`` is stop-gradient when ``kl_stop_grad`` (otherwise gradients flow through both arguments).
+    ``target`` may also be one [Vt, M, D] tensor; ``target_normalized=True`` says its rows are unit
+    vectors already, so the (possibly large, queue-extended) contrast set is used as it is.
     The invariance term is the paper's sum of KL divergences over pairs of augmentation pairs,
     averaged instead of summed; it is 0 when |P| = 1. Anchor i's positive is row ``offset + i`` of
     every target view (``offset`` = this worker's first sample in the gathered contrast set; rows
@@ -94,7 +97,9 @@ def relic_loss(
     anchors = F.normalize(torch.stack(list(online)), dim=-1) / temperature  # [Vo, B, D]
     pairs = view_pairs(num_online, num_target)  # t-major: Vt blocks of Vo - 1 anchor views
     anchors = anchors[[o for o, _ in pairs]].view(num_target, (num_online - 1) * batch, dim)
-    targets = F.normalize(torch.stack(list(target)), dim=-1)  # [Vt, M, D]
+    targets = target if isinstance(target, torch.Tensor) else torch.stack(list(target))  # [Vt, M, D]
+    if not target_normalized:
+        targets = F.normalize(targets, dim=-1)
     logits = torch.bmm(anchors, targets.transpose(1, 2))  # [Vt, (Vo-1) B, M]
     num_pairs = len(pairs)
     log_p = torch.log_softmax(logits.view(num_pairs, batch, contrast), dim=-1)

@@ -156,6 +156,8 @@ def test_step_equals_its_parts(target):
     model = copy.deepcopy(state.online)
     ema = copy.deepcopy(state.target)
     queue = state.queue[:, : state.queue_len].clone()
+    # stored normalised (the loss does not normalise the queue again)
+    torch.testing.assert_close(queue.norm(dim=-1), torch.ones(queue.shape[:2]))
 
     online = model(data[1].views)
     targets = online[:2] if target == "online" else ema(data[1].views[:2])
@@ -167,7 +169,9 @@ def test_step_equals_its_parts(target):
     assert metrics["total"] == pytest.approx(reference.total.item(), rel=1e-6)
     assert metrics["invariance"] == pytest.approx(reference.invariance.item(), rel=1e-6)
     for (name, p), q in zip(state.online.named_parameters(), model.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        # atol 1e-5 against gradients of order 1: a bias followed by BatchNorm (projector.0.bias)
+        # has a true gradient of 0, so what both sides hold there is float32 rounding (~1e-5).
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_num_large_views_from_batch_or_shapes():
