@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
             args.export,
             arch=cfg.model.arch,
             small_stem=cfg.model.small_stem,
+            width=cfg.model.width,
             probe=probe,
             extra={
                 "checkpoint": loaded.path,
@@ -195,7 +196,9 @@ def run(args: argparse.Namespace) -> int:
         )
         summary["export"] = paths
         print(
-            f"exported: {paths['encoder']} (torchvision {cfg.model.arch}, strict=True), {paths.get('projector')}"
+            f"exported: {paths['encoder']} (torchvision {cfg.model.arch}"
+            + (f" width {cfg.model.width:g}" if cfg.model.width != 1 else "")
+            + f", strict=True), {paths.get('projector')}"
         )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

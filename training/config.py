@@ -24,6 +24,13 @@ TARGET_MODES = ("ema", "online")
 OPTIMIZERS = ("lars", "sgd", "adamw")
 
 
+def valid_width(width: object) -> bool:
+    """Whether ``width`` is a usable ResNet width multiplier: > 0 and ``64 * width`` a whole number."""
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+        return False
+    return abs(64 * width - round(64 * width)) < 1e-9
+
+
 def _bad(owner: str, name: str, expected: str, actual: Any) -> ValueError:
     return ValueError(f"{owner}.{name}: expected {expected}, got {actual!r}")
 
@@ -46,6 +53,10 @@ class ModelConfig:
     """torchvision ResNet name, one of ``ARCHITECTURES``; built with ``weights=None``."""
     small_stem: bool = False
     """3x3 stride-1 first convolution and no max-pool, for 32x32 images (CIFAR-style stem)."""
+    width: float = 1.0
+    """Multiplier of the ResNet's channel counts (stem 64 and stages 64/128/256/512, times width; the
+    width multipliers of SimCLR's and BYOL's ResNet-50 (2x), (4x), there to widen, here to narrow a
+    network for CPU). 1.0 is torchvision's network; ``64 * width`` must be a whole number."""
     projector_hidden_dim: int = 4096
     """Hidden width of the critic MLP Linear-BN-ReLU-Linear (BYOL: 4096)."""
     projector_out_dim: int = 256
@@ -60,6 +71,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise _bad("model", "arch", f"one of {', '.join(ARCHITECTURES)}", self.arch)
+        if not valid_width(self.width):
+            expected = "a value > 0 with 64 * width a whole number (e.g. 0.25, 0.5, 2)"
+            raise _bad("model", "width", expected, self.width)
         for name in ("projector_hidden_dim", "projector_out_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

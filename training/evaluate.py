@@ -613,27 +613,20 @@ def _plain_state_dict(module: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def torchvision_resnet(arch: str, *, small_stem: bool = False, num_classes: int = 1000) -> nn.Module:
-    """``torchvision.models.<arch>(num_classes=...)``, with the small-image stem when asked.
+def torchvision_resnet(
+    arch: str, *, small_stem: bool = False, num_classes: int = 1000, width: float = 1.0
+) -> nn.Module:
+    """``torchvision.models.<arch>(num_classes=...)``, with the small-image stem and width when asked.
 
     The small stem (CIFAR-style ResNets, as in SimCLR's CIFAR-10 experiments, Chen et al. 2020, arXiv
     2002.05709, appendix B.9) replaces ``conv1`` by a 3x3, stride-1, padding-1 convolution and
-    ``maxpool`` by identity; every other parameter keeps torchvision's name and shape, so an exported
-    small-stem state dict loads with ``strict=True`` into the model this function builds.
+    ``maxpool`` by identity; ``width`` multiplies every channel count (``training.model.ScaledResNet``,
+    a subclass of torchvision's ``ResNet``). Every other parameter keeps torchvision's name and shape,
+    so an exported state dict loads with ``strict=True`` into the model this function builds.
     """
-    import torchvision
+    from training.model import resnet
 
-    try:
-        builder = getattr(torchvision.models, arch)
-    except AttributeError:
-        raise ValueError(
-            f"arch: expected a torchvision.models ResNet name (e.g. resnet18), got {arch!r}"
-        ) from None
-    model = builder(weights=None, num_classes=num_classes)
-    if small_stem:
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-    return model
+    return resnet(arch, width=width, small_stem=small_stem, num_classes=num_classes)
 
 
 def export_encoder(
@@ -642,6 +635,7 @@ def export_encoder(
     *,
     arch: str,
     small_stem: bool = False,
+    width: float = 1.0,
     probe: LinearProbe | None = None,
     extra: Mapping[str, object] | None = None,
 ) -> dict[str, str]:
@@ -659,8 +653,11 @@ def export_encoder(
       With ``small_stem`` the ``conv1.weight`` is ``[64, 3, 3, 3]``: load into
       ``torchvision_resnet(arch, small_stem=True)`` (torchvision's model with that conv1 and no
       max-pool), or :func:`load_exported_encoder`.
+      With ``width != 1`` every channel count is scaled (``model.width``): load into
+      ``torchvision_resnet(arch, width=width, small_stem=...)`` (torchvision's ``ResNet`` class, built
+      by ``training.model.resnet``), or :func:`load_exported_encoder`.
     - ``projector.pt``: the critic's state dict (when the model has one).
-    - ``export.json``: arch, small_stem, num_classes, head, feature_dim and ``extra``.
+    - ``export.json``: arch, small_stem, width, num_classes, head, feature_dim and ``extra``.
     Returns ``{"encoder": path, "projector": path?, "metadata": path}``.
     """
     out = Path(out_dir)
@@ -670,7 +667,7 @@ def export_encoder(
     encoder = getattr(model, "encoder", model)
     projector = getattr(model, "projector", None)
     state = {k: v for k, v in _plain_state_dict(encoder).items() if not k.startswith("fc.")}
-    reference = torchvision_resnet(arch, small_stem=small_stem)
+    reference = torchvision_resnet(arch, small_stem=small_stem, width=width)
     feature_dim = reference.fc.in_features
     if probe is not None:
         head = probe.as_linear()
@@ -684,11 +681,13 @@ def export_encoder(
         state["fc.bias"] = torch.zeros_like(reference.fc.bias)
     num_classes = state["fc.weight"].shape[0]
     # Fail here, not in the user's hands: the file must load strictly into torchvision.
-    check = torchvision_resnet(arch, small_stem=small_stem, num_classes=num_classes)
+    check = torchvision_resnet(arch, small_stem=small_stem, num_classes=num_classes, width=width)
     try:
         check.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ValueError(f"encoder is not a torchvision {arch} (small_stem={small_stem}): {err}") from None
+        raise ValueError(
+            f"encoder is not a torchvision {arch} (small_stem={small_stem}, width={width:g}): {err}"
+        ) from None
     paths = {"encoder": str(out / "encoder.pt"), "metadata": str(out / "export.json")}
     torch.save(state, paths["encoder"])
     if projector is not None:
@@ -697,28 +696,42 @@ def export_encoder(
     meta = {
         "arch": arch,
         "small_stem": small_stem,
+        "width": width,
         "num_classes": num_classes,
         "head": "linear_probe" if probe is not None else "zeros",
         "feature_dim": feature_dim,
-        "load": (
-            f"m = torchvision.models.{arch}(num_classes={num_classes}); "
-            + (
-                "m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); m.maxpool = torch.nn.Identity(); "
-                if small_stem
-                else ""
-            )
-            + "m.load_state_dict(torch.load('encoder.pt'), strict=True)"
-        ),
+        "load": _load_note(arch, small_stem, width, num_classes),
         **dict(extra or {}),
     }
     Path(paths["metadata"]).write_text(json.dumps(meta, indent=2) + "\n")
     return paths
 
 
+def _load_note(arch: str, small_stem: bool, width: float, num_classes: int) -> str:
+    """How to load ``encoder.pt`` by hand (``export.json``'s ``load``)."""
+    load = "m.load_state_dict(torch.load('encoder.pt'), strict=True)"
+    if width != 1:
+        return (
+            f"from training.model import resnet; m = resnet('{arch}', width={width!r}, "
+            f"small_stem={small_stem}, num_classes={num_classes}); {load}"
+        )
+    stem = (
+        "m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); m.maxpool = torch.nn.Identity(); "
+        if small_stem
+        else ""
+    )
+    return f"m = torchvision.models.{arch}(num_classes={num_classes}); {stem}{load}"
+
+
 def load_exported_encoder(out_dir: str | Path) -> nn.Module:
     """The torchvision model described by ``export.json`` in ``out_dir``, loaded strictly, eval mode."""
     out = Path(out_dir)
     meta = json.loads((out / "export.json").read_text())
-    model = torchvision_resnet(meta["arch"], small_stem=meta["small_stem"], num_classes=meta["num_classes"])
+    model = torchvision_resnet(
+        meta["arch"],
+        small_stem=meta["small_stem"],
+        num_classes=meta["num_classes"],
+        width=meta.get("width", 1.0),  # exports written before model.width existed are width 1
+    )
     model.load_state_dict(torch.load(out / "encoder.pt", map_location="cpu", weights_only=True), strict=True)
     return model.eval()

@@ -15,26 +15,87 @@ from torch import nn
 
 from training.config import ARCHITECTURES, ModelConfig
 
+# torchvision's ResNet builders: (block, blocks per stage, extra constructor arguments).
+_RESNET_SPECS = {
+    "resnet18": ("BasicBlock", [2, 2, 2, 2], {}),
+    "resnet34": ("BasicBlock", [3, 4, 6, 3], {}),
+    "resnet50": ("Bottleneck", [3, 4, 6, 3], {}),
+    "resnet101": ("Bottleneck", [3, 4, 23, 3], {}),
+    "resnet152": ("Bottleneck", [3, 8, 36, 3], {}),
+    "wide_resnet50_2": ("Bottleneck", [3, 4, 6, 3], {"width_per_group": 128}),
+    "wide_resnet101_2": ("Bottleneck", [3, 4, 23, 3], {"width_per_group": 128}),
+}
 
-def build_encoder(arch: str, small_stem: bool = False) -> nn.Module:
+
+class ScaledResNet(torchvision.models.ResNet):
+    """torchvision's ``ResNet`` with every channel count multiplied by ``width``.
+
+    Only the widths change: ``_make_layer`` builds each stage with ``planes * width`` planes (the stem
+    and layer1 get ``64 * width`` channels), and ``conv1``, ``bn1`` and ``fc`` are rebuilt to match and
+    initialised as torchvision initialises them. Module names, block structure, strides and the
+    forward pass are torchvision's, so a state dict of this network has torchvision's keys with
+    narrower (or wider) tensors.
+    """
+
+    def __init__(
+        self, block: type, layers: list[int], *, width: float, num_classes: int = 1000, **kwargs
+    ) -> None:
+        self.__dict__["_width"] = width  # read by _make_layer, which runs inside ResNet.__init__
+        super().__init__(block, layers, num_classes=num_classes, **kwargs)
+        stem = round(64 * width)
+        self.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.fc = nn.Linear(round(512 * width) * block.expansion, num_classes)
+        self.width = width
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        if planes == 64:  # layer1 starts from the stem's output
+            self.inplanes = round(64 * self._width)
+        return super()._make_layer(block, round(planes * self._width), blocks, stride, dilate)
+
+
+def resnet(arch: str, *, width: float = 1.0, small_stem: bool = False, num_classes: int = 1000) -> nn.Module:
+    """``torchvision.models.<arch>(weights=None, num_classes=...)``, optionally scaled and with the small stem.
+
+    ``width == 1`` is torchvision's own builder (identical parameters and initialisation);
+    other widths are :class:`ScaledResNet`. ``small_stem`` replaces the 7x7 stride-2 ``conv1`` by a
+    3x3 stride-1 convolution and ``maxpool`` by identity (CIFAR-style, He et al. 2016, sec. 4.2).
+    Exported encoders load with ``strict=True`` into the network this function builds with the same
+    arguments; with ``width == 1`` and no small stem that is plain ``torchvision.models.<arch>()``.
+    """
+    from training.config import valid_width
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch: expected one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+    if not valid_width(width):
+        raise ValueError(f"width: expected a value > 0 with 64 * width a whole number, got {width!r}")
+    if width == 1:
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    else:
+        block_name, layers, kwargs = _RESNET_SPECS[arch]
+        block = getattr(torchvision.models.resnet, block_name)
+        model = ScaledResNet(block, list(layers), width=width, num_classes=num_classes, **kwargs)
+    if small_stem:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
+        model.maxpool = nn.Identity()
+    return model
+
+
+def build_encoder(arch: str, small_stem: bool = False, width: float = 1.0) -> nn.Module:
     """A torchvision ResNet without its classifier (``fc`` is the identity): images -> [N, feature_dim].
 
     ``small_stem`` replaces the 7x7 stride-2 convolution and the max-pool by a 3x3 stride-1 convolution
     and no pooling, the usual stem for 32x32 images (He et al. 2016, sec. 4.2, CIFAR-10 networks).
+    ``width`` multiplies every channel count (see :func:`resnet`).
     Parameter names stay torchvision's, so the state dict (plus an ``fc``) loads into
-    ``torchvision.models.<arch>()``. The encoder's output width is stored in ``encoder.feature_dim``.
+    ``resnet(arch, width=..., small_stem=...)`` — ``torchvision.models.<arch>()`` at width 1 with the
+    standard stem. The encoder's output width is stored in ``encoder.feature_dim``.
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"build_encoder: arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
-    encoder = torchvision.models.get_model(arch, weights=None)
+    encoder = resnet(arch, width=width, small_stem=small_stem)
     feature_dim = encoder.fc.in_features
     encoder.fc = nn.Identity()
-    if small_stem:
-        encoder.conv1 = nn.Conv2d(
-            3, encoder.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False
-        )
-        nn.init.kaiming_normal_(encoder.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision
-        encoder.maxpool = nn.Identity()
     encoder.feature_dim = feature_dim
     return encoder
 
@@ -88,7 +149,7 @@ class ReLICModel(nn.Module):
 
 def build_model(cfg: ModelConfig) -> ReLICModel:
     """The online network described by ``cfg`` (SyncBatchNorm conversion is done by the caller's state)."""
-    encoder = build_encoder(cfg.arch, cfg.small_stem)
+    encoder = build_encoder(cfg.arch, cfg.small_stem, cfg.width)
     projector = Projector(encoder.feature_dim, cfg.projector_hidden_dim, cfg.projector_out_dim)
     model = ReLICModel(encoder, projector, channels_last=cfg.channels_last)
     if cfg.channels_last:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -340,6 +343,39 @@ def test_export_with_probe_head_is_a_classifier(tmp_path):
     loaded = ev.load_exported_encoder(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), probe.logits(feats), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("small_stem", [False, True])
+def test_export_of_a_narrow_encoder_round_trips_strictly(tmp_path, small_stem):
+    from training.model import build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", small_stem=small_stem, width=0.25).eval()
+    x = torch.rand(3, 3, 16, 16)
+    paths = ev.export_encoder(encoder, tmp_path, arch="resnet18", small_stem=small_stem, width=0.25)
+    meta = json.loads(Path(paths["metadata"]).read_text())
+    assert meta["width"] == 0.25 and meta["feature_dim"] == 128
+    state = torch.load(paths["encoder"], weights_only=True)
+    assert state["layer4.1.conv2.weight"].shape == (128, 128, 3, 3)
+    # the load note is runnable as written
+    scope = {"torch": torch, "torchvision": torchvision}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(meta["load"], scope)
+    finally:
+        os.chdir(cwd)
+    loaded = ev.load_exported_encoder(tmp_path)
+    loaded.fc = nn.Identity()
+    scope["m"].fc = nn.Identity()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), encoder(x))
+        torch.testing.assert_close(scope["m"].eval()(x), encoder(x))
+    # the full-width torchvision network does not take it, and a wrong width is refused at export
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        torchvision.models.resnet18().load_state_dict(state, strict=True)
+    with pytest.raises(ValueError, match=r"width=0\.5"):
+        ev.export_encoder(encoder, tmp_path / "bad", arch="resnet18", small_stem=small_stem, width=0.5)
 
 
 def test_export_rejects_a_non_torchvision_encoder(tmp_path):

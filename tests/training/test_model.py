@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from training.config import ARCHITECTURES, ModelConfig
-from training.model import EMATarget, Projector, build_encoder, build_model
+from training.model import EMATarget, Projector, ScaledResNet, build_encoder, build_model, resnet
 from training.optim import momentum_schedule
 
 FEATURE_DIMS = {
@@ -46,6 +46,52 @@ def test_small_stem_keeps_resolution_for_32px_images():
     encoder.layer4.register_forward_hook(record)
     out = encoder(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 512) and feature_maps["layer4"][-2:] == (4, 4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("width", [0.25, 0.5, 2])
+def test_width_scales_every_channel_count_and_keeps_torchvision_names(arch, width):
+    with torch.device("meta"):
+        encoder = build_encoder(arch, width=width)
+        reference = torchvision.models.get_model(arch, weights=None)
+    assert isinstance(encoder, torchvision.models.ResNet)
+    assert encoder.feature_dim == FEATURE_DIMS[arch] * width
+    ours = {k: v.shape for k, v in encoder.state_dict().items()}
+    theirs = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    assert ours.keys() == theirs.keys()
+    for key, shape in theirs.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if key == "conv1.weight":  # [out, 3 input colours, k, k]
+            expected = (shape[0] * width, 3, *shape[2:])
+        else:  # every output and input channel count scales; kernel sizes do not
+            expected = tuple(int(d * width) if i < 2 else d for i, d in enumerate(shape))
+        assert ours[key] == expected, key
+
+
+def test_width_one_is_torchvision_itself():
+    torch.manual_seed(0)
+    ours = resnet("resnet18", width=1.0)
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18()
+    assert type(ours) is torchvision.models.ResNet
+    for (k, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_narrow_encoder_runs_and_is_initialised_like_torchvision():
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", small_stem=True, width=0.25)
+    assert isinstance(encoder, ScaledResNet) and encoder.conv1.weight.shape == (16, 3, 3, 3)
+    out = encoder.eval()(torch.randn(4, 3, 16, 16))
+    assert out.shape == (4, 128) and torch.isfinite(out).all()
+    # kaiming_normal_(fan_out, relu) on the rebuilt stem as on every other convolution
+    std = encoder.conv1.weight.std().item()
+    assert 0.5 < std / (2 / (16 * 9)) ** 0.5 < 1.5
+    assert torch.equal(encoder.bn1.weight, torch.ones(16)) and torch.equal(encoder.bn1.bias, torch.zeros(16))
+    model = build_model(ModelConfig(arch="resnet18", width=0.5, projector_hidden_dim=32, projector_out_dim=8))
+    assert model.projector[0].in_features == 256
+    assert [o.shape for o in model([torch.randn(3, 3, 16, 16)] * 2)] == [(3, 8)] * 2
 
 
 def test_projector_is_byol_mlp():

@@ -22,6 +22,12 @@ def test_defaults_are_the_design_defaults():
     [
         (ModelConfig, dict(arch="resnet9"), r"model.arch: expected one of resnet18, .*, got 'resnet9'"),
         (ModelConfig, dict(projector_out_dim=0), "model.projector_out_dim: expected an integer >= 1, got 0"),
+        (
+            ModelConfig,
+            dict(width=0.3),
+            r"model.width: expected a value > 0 with 64 \* width a whole .*, got 0.3",
+        ),
+        (ModelConfig, dict(width=0), "model.width: expected a value > 0"),
         (ObjectiveConfig, dict(temperature=0), "objective.temperature: expected a value > 0, got 0"),
         (ObjectiveConfig, dict(target="self"), "objective.target: expected one of ema, online, got 'self'"),
         (ObjectiveConfig, dict(base_momentum=1.5), r"objective.base_momentum: expected a value in \[0, 1\]"),
