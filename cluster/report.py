@@ -278,8 +278,8 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
     data_cfg = cfg.get("data", {})
     trained = [e for e in encoders.values() if e["trained"]]
     out.append(
-        f"Three encoders with the same architecture ({model.get('arch')}, small_stem="
-        f"{model.get('small_stem')}): one randomly initialised and never trained, and "
+        f"Three encoders with the same architecture ({model.get('arch')}, width {model.get('width', 1.0):g}, "
+        f"small_stem={model.get('small_stem')}): one randomly initialised and never trained, and "
         + " and ".join(f"{e['label']}" for e in trained)
         + f", each pretrained for {trained[0]['steps'] if trained else 0} optimiser steps ("
         + (
