@@ -59,6 +59,8 @@ FORWARDED_ENV = (
 
 
 WORKER_START_TIMEOUT_S = 600
+#: Seconds between the Ray Train controller's polls of the workers (Ray's default is 2 s); see fit().
+CONTROLLER_POLL_S = 0.25
 
 
 @dataclass
@@ -382,6 +384,10 @@ def fit(
     # Ray Train gives a worker group 60 s to start, then counts a failure. Starting workers that import
     # torch and DALI on a busy CPU node can take longer; Ray propagates this variable from the driver.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
+    # A worker's ray.train.report blocks while its previous report is still unread (a queue of one),
+    # and the controller reads reports when it polls the workers, every 2 s by default: reporting
+    # faster than that stalls training. Poll every CONTROLLER_POLL_S unless the user chose otherwise.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_S))
     storage = RunStorage.from_url(cfg.run.storage, cfg.run.endpoint_url)
     run_dir = storage.run_url(cfg.run.name)
     resuming = storage.exists(storage.run_url(cfg.run.name, "config.yaml"))
