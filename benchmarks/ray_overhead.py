@@ -10,10 +10,16 @@ Contenders, each in a fresh process, on shards built from ``builtin:digits`` (tr
   instance (TorchTrainer, controller, ``ray.train.report`` barriers, checkpoint persistence).
 
 Both use ``configs/demo.yaml`` with ``scaling.num_workers=1`` (global batch 128 on one worker), kNN
-monitor off, the same seed and number of epochs, checkpoints at every epoch end and reports every 5
-steps as in the demo. Steps/s is measured by a hook inside the loop from the end of the first epoch
+monitor off, the same seed and number of epochs, reports every ``run.report_every`` steps as in the
+demo, and a checkpoint every ``CHECKPOINT_EVERY_EPOCHS`` epochs — more often than the demo's cadence,
+so that several checkpoints (written, uploaded by Ray in the background, committed) fall inside the
+measured window. Steps/s is measured by a hook inside the loop from the end of the first epoch
 (warm: DALI pipeline built, allocator warm) to the last step, so it includes everything the loop does
 per step, reports and checkpoints included, and excludes process and Ray start-up.
+
+What Ray Train costs per report: ``ray.train.report`` blocks while the previous report is unread,
+and the controller reads reports when it polls the workers (Ray's default: every 2 s); ``fit`` sets
+the poll interval to ``cluster.trainer.CONTROLLER_POLL_S`` unless the user chose one.
 
 ``demo``: ``configs/demo.yaml`` as the demo runs it (2 Ray workers, kNN monitor on): the fraction of
 step time spent waiting for data, as the workers report it, averaged over the reports after the first
@@ -39,6 +45,7 @@ from benchmarks.common import measure_child, parser, print_table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
+CHECKPOINT_EVERY_EPOCHS = 2
 
 
 class StepTimer:
@@ -53,7 +60,9 @@ class StepTimer:
                 f.write(f"{info.step} {time.perf_counter()!r}\n")
 
 
-def _config(shards: str, storage: str, name: str, epochs: int, *, workers: int, knn: bool):
+def _config(
+    shards: str, storage: str, name: str, epochs: int, *, workers: int, knn: bool, demo: bool = False
+):
     from cluster.config import load_config
 
     overrides = [
@@ -63,6 +72,8 @@ def _config(shards: str, storage: str, name: str, epochs: int, *, workers: int, 
         f"schedule.epochs={epochs}",
         f"scaling.num_workers={workers}",
     ]
+    if not demo:
+        overrides.append(f"run.checkpoint_every_epochs={CHECKPOINT_EVERY_EPOCHS}")
     if knn:
         overrides += [f"data.knn_train={shards}", f"data.knn_val={shards}", "data.knn_max_samples=500"]
     else:
@@ -136,7 +147,7 @@ def run_demo(shards: str, epochs: int) -> dict:
     from cluster.trainer import fit, ray_session
 
     with tempfile.TemporaryDirectory(prefix="relic-bench-") as tmp:
-        cfg = _config(shards, tmp, "demo", epochs, workers=2, knn=True)
+        cfg = _config(shards, tmp, "demo", epochs, workers=2, knn=True, demo=True)
         with ray_session(num_cpus=2):
             t0 = time.perf_counter()
             result = fit(cfg, progress=False)
@@ -156,7 +167,7 @@ def run_demo(shards: str, epochs: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser("ray_overhead", __doc__).parse_args(argv)
-    epochs, repeats = (3, 1) if args.quick else (6, 2)
+    epochs, repeats = (5, 1) if args.quick else (12, 2)
     from pipeline.shards.build import build_shards
 
     with tempfile.TemporaryDirectory(prefix="relic-bench-shards-") as tmp:
