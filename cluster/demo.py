@@ -48,6 +48,7 @@ QUICK_OVERRIDES = (
     "schedule.epochs=1",
     "schedule.warmup_epochs=0.2",
     "run.report_every=5",
+    "run.knn_every=1",
     "model.projector_hidden_dim=64",
     "model.projector_out_dim=32",
 )

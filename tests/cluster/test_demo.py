@@ -17,7 +17,7 @@ from PIL import Image
 
 from cluster import demo, report
 from cluster.labelled import load_labelled_images
-from training.model import build_encoder
+from training.model import build_encoder, resnet
 
 REPO = Path(__file__).resolve().parents[2]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -179,6 +179,10 @@ def test_reduced_demo_runs_end_to_end_and_writes_a_complete_report(tmp_path):
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     assert evaluated["knn"] == pytest.approx(relic["knn"])
     assert evaluated["linear"] == pytest.approx(relic["linear"], abs=0.02)
-    tv = torchvision.models.resnet18()
+    # torchvision's ResNet class at the demo's width (plain torchvision.models.resnet18() at width 1)
+    width = metrics["config"]["model"]["width"]
+    assert json.loads((export / "export.json").read_text())["width"] == width
+    tv = resnet("resnet18", width=width) if width != 1 else torchvision.models.resnet18()
+    assert isinstance(tv, torchvision.models.ResNet)
     tv.load_state_dict(torch.load(export / "encoder.pt", weights_only=True), strict=True)
     assert (export / "projector.pt").exists()
