@@ -157,3 +157,14 @@ def test_reader_errors_propagate_and_early_exit_stops_the_feeder(images):
     next(it)
     it.close()
     assert threading.active_count() <= before
+
+
+def test_malloc_tuning_applies_on_glibc_and_only_once():
+    import platform
+
+    from pipeline.loader import tune_process_malloc
+
+    first = tune_process_malloc()
+    if platform.libc_ver()[0] == "glibc":
+        assert first is True  # mallopt accepted every parameter
+    assert tune_process_malloc() is first
