@@ -77,16 +77,22 @@ class _KeyTap:
 
     def __init__(self, reader: Any) -> None:
         self._reader = reader
-        self.pending: collections.deque[list[str]] = collections.deque()
+        # per segment: the loader reads the next segment ahead while this one is being trained
+        self.pending: dict[tuple[int, int], collections.deque[list[str]]] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reader, name)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Any]:
-        self.pending.clear()
+        keys = self.pending[(epoch, start_batch)] = collections.deque()
         for raw in self._reader.epoch(epoch, start_batch):
-            self.pending.append(list(raw.keys))
+            keys.append(list(raw.keys))
             yield raw
+
+    def take(self, epoch: int, start_batch: int) -> list[str] | None:
+        """The keys of the next batch trained from segment ``(epoch, start_batch)``."""
+        keys = self.pending.get((epoch, start_batch))
+        return keys.popleft() if keys else None
 
 
 def segment_end(step: int, *, steps_per_epoch: int, checkpoint_every: int, end_step: int) -> int:
@@ -460,6 +466,8 @@ def run_loop(loop_config: dict[str, Any], session: Any) -> None:
                 end_step=end_step,
             )
             batches = loader.epoch(epoch, start)
+            if stop < end_step:  # the next segment is set up in the background meanwhile
+                loader.prepare(stop // state.steps_per_epoch, stop % state.steps_per_epoch)
             try:
                 while state.step < stop:
                     t0 = time.perf_counter()
@@ -469,7 +477,7 @@ def run_loop(loop_config: dict[str, Any], session: Any) -> None:
                     meter.wait += t1 - t0
                     meter.busy += time.perf_counter() - t1
                     meter.images += batch_size
-                    keys = source.pending.popleft() if hooks and source.pending else None
+                    keys = source.take(epoch, start) if hooks else None
                     for hook in hooks:
                         hook.on_step(info(last, keys, batch))
                     at_checkpoint = state.step == stop and checkpoint_due(
@@ -506,7 +514,10 @@ def run_loop(loop_config: dict[str, Any], session: Any) -> None:
                         meter.reset()
             finally:
                 batches.close()
+                if hooks:
+                    source.pending.pop((epoch, start), None)
     finally:
+        loader.close()
         if tensorboard is not None:
             tensorboard.close()
 

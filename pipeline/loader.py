@@ -11,7 +11,10 @@ augment the batches that ``fn.external_source`` already took, ``prefetch`` batch
 Reproducibility: the DALI pipeline is rebuilt for every ``epoch()`` call with its seed derived from
 (seed, reader rank, epoch, start_batch), so the same reader data and the same arguments give the
 same views. (A resumed epoch therefore draws different augmentations from the uninterrupted one;
-the samples are the same.)
+the samples are the same.) The rebuild and the first batches of a new epoch cost a pause that short
+epochs feel; ``prepare(epoch, start_batch)`` announces the next call, which is then set up in the
+background (reading, pipeline build, first run) once the current segment has been read, giving the
+same batches as without it.
 
 Corrupt data: the reader validates images cheaply, but DALI's decoder raises on anything it cannot
 decode. When a batch fails, the loader rebuilds the pipeline, fully decodes every sample of the
@@ -65,6 +68,85 @@ class _Batch:
 _END = object()
 
 
+class _Segment:
+    """One ``epoch(epoch, start_batch)`` call's state: its reading thread, the batches DALI holds
+    (``inflight``) or must see again after a repair (``replay``), and its DALI pipeline, built once
+    the first batch gives the batch size — in the caller's thread, or ahead in a background thread
+    (``ViewLoader.prepare``)."""
+
+    def __init__(self, loader: ViewLoader, epoch: int, start_batch: int, background: bool = False) -> None:
+        self.loader, self.key = loader, (epoch, start_batch)
+        self.feeder = _Feeder(iter(loader.reader.epoch(epoch, start_batch)), loader.prefetch)
+        self.feeder.start()
+        self.inflight: collections.deque[_Batch] = collections.deque()
+        self.replay: collections.deque[_Batch] = collections.deque()
+        self.pipe: Any = None
+        self.batch_size = 0
+        self._error: BaseException | None = None
+        self._first: Any = None  # the first run()'s outputs (or its exception), when set up ahead
+        self._background = background
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._setup, daemon=True, name="ViewLoader-prepare")
+            self._thread.start()
+
+    def source(self):
+        batch = self.replay.popleft() if self.replay else self.feeder.get(self.loader.timeout)
+        self.inflight.append(batch)
+        return batch.arrays, batch.labels
+
+    def _setup(self) -> None:
+        try:
+            first = self.feeder.get(self.loader.timeout)
+        except StopIteration:
+            return
+        except BaseException as e:  # re-raised by ready() in the consumer's thread
+            self._error = e
+            return
+        self.replay.append(first)
+        self.batch_size = len(first.arrays)
+        rank = int(getattr(self.loader.reader, "rank", 0))
+        try:
+            self.pipe = self.loader._build(
+                self.batch_size, derive_seed(self.loader.seed, rank, *self.key), self.source
+            )
+        except BaseException as e:
+            self._error = e
+            return
+        if self._background:
+            # The first run fills DALI's prefetch queue (several batches of work): do it ahead too.
+            # Its outputs stay valid until the pipeline runs again, which only the consumer does.
+            try:
+                self._first = self.pipe.run()
+            except (StopIteration, RuntimeError) as e:  # replayed by run(), in the consumer's thread
+                self._first = e
+
+    def run(self) -> Any:
+        """``pipe.run()``, or what the first run set up ahead returned or raised."""
+        first, self._first = self._first, None
+        if first is None:
+            return self.pipe.run()
+        if isinstance(first, BaseException):
+            raise first
+        return first
+
+    def ready(self) -> bool:
+        """Set up (or wait for the background set-up); False for a segment without batches."""
+        if self._thread is None:
+            self._setup()
+        else:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.pipe is not None
+
+    def close(self) -> None:
+        self.feeder.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.pipe = None
+
+
 class _Feeder(threading.Thread):
     """Background thread: reader epoch iterator -> bounded queue of ``_Batch`` (or the exception)."""
 
@@ -73,6 +155,8 @@ class _Feeder(threading.Thread):
         self.batches = batches
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stopped = threading.Event()
+        self.read_all = threading.Event()
+        """Set once the reader's iterator is exhausted (or failed): the next segment may start reading."""
         self.error: BaseException | None = None
 
     def _put(self, item: Any) -> bool:
@@ -89,9 +173,11 @@ class _Feeder(threading.Thread):
             for raw in self.batches:
                 if not self._put(_Batch(raw.images, raw.labels, getattr(raw, "keys", None))):
                     return
+            self.read_all.set()
             self._put(_END)
         except BaseException as e:  # handed to the consumer, which re-raises it
             self.error = e
+            self.read_all.set()
             self._put(e)
         finally:
             close = getattr(self.batches, "close", None)
@@ -247,6 +333,8 @@ class ViewLoader:
         self.timeout = float(timeout)
         self.max_attempts = int(max_attempts)
         self._counters: collections.Counter = collections.Counter()
+        self._next: tuple[int, int] | None = None
+        self._prepared: tuple[tuple[int, int], _Feeder] | None = None
 
     def __len__(self) -> int:
         return int(self.reader.batches_per_epoch)
@@ -316,43 +404,62 @@ class ViewLoader:
             if reencode:
                 batch.arrays = [_reencode(a) for a in batch.arrays]
 
+    def prepare(self, epoch: int, start_batch: int = 0) -> None:
+        """Announce the segment the next ``epoch()`` call will ask for. Once the segment being
+        iterated now has been read to its end, the next one is set up in the background (reading,
+        shuffle-buffer fill, first batch, DALI pipeline build), so that its first batch does not
+        wait for it. A different next call discards it; two segments are never read in parallel."""
+        self._next = (int(epoch), int(start_batch))
+
+    def close(self) -> None:
+        """Stop a segment set up ahead that no ``epoch()`` call took."""
+        self._next = None
+        if self._prepared is not None:
+            self._prepared.close()
+            self._prepared = None
+
+    def _start_prepared(self) -> None:
+        if self._next is not None and self._prepared is None:
+            self._prepared = _Segment(self, *self._next, background=True)
+
+    def _segment(self, epoch: int, start_batch: int) -> _Segment:
+        key = (epoch, start_batch)
+        if self._prepared is not None:
+            if self._prepared.key == key:
+                segment, self._prepared = self._prepared, None
+                if self._next == key:
+                    self._next = None
+                return segment
+            if self._next == self._prepared.key:  # a wrong guess: forget it
+                self._next = None
+            self._prepared.close()  # set up for a call that did not come
+            self._prepared = None
+        if self._next == key:
+            self._next = None
+        return _Segment(self, epoch, start_batch)
+
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[ViewBatch]:
         """The views of ``reader.epoch(epoch, start_batch)``, one ``ViewBatch`` per raw batch."""
-        feeder = _Feeder(iter(self.reader.epoch(epoch, start_batch)), self.prefetch)
-        feeder.start()
-        inflight: collections.deque[_Batch] = collections.deque()
-        replay: collections.deque[_Batch] = collections.deque()
-
-        def source():
-            batch = replay.popleft() if replay else feeder.get(self.timeout)
-            inflight.append(batch)
-            return batch.arrays, batch.labels
-
+        segment = self._segment(epoch, start_batch)
         rank = int(getattr(self.reader, "rank", 0))
-        pipe = None
         index = start_batch
         failures = 0
         try:
-            try:
-                first = feeder.get(self.timeout)
-            except StopIteration:
-                return
-            replay.append(first)
-            batch_size = len(first.arrays)
-            pipe = self._build(batch_size, derive_seed(self.seed, rank, epoch, start_batch), source)
+            if not segment.ready():
+                return  # an empty segment
             while True:
                 try:
-                    outputs = pipe.run()
+                    outputs = segment.run()
                 except StopIteration:
                     return
                 except RuntimeError as e:
-                    if not inflight or feeder.error is not None:
+                    if not segment.inflight or segment.feeder.error is not None:
                         raise  # nothing of ours in flight, or the reader itself failed
                     failures += 1
                     if failures > self.max_attempts:
                         raise RuntimeError(
                             f"ViewLoader: DALI failed {failures} times on batch {index} of epoch {epoch} "
-                            f"(keys {inflight[0].keys[:4]}...) even after replacing undecodable samples"
+                            f"(keys {segment.inflight[0].keys[:4]}...) even after replacing undecodable samples"
                         ) from e
                     log.warning(
                         "ViewLoader: DALI failed on batch %d of epoch %d (%s); recovering",
@@ -360,21 +467,23 @@ class ViewLoader:
                         epoch,
                         _reason(e),
                     )
-                    lost = list(inflight)
-                    inflight.clear()
-                    del pipe
-                    pipe = None
+                    lost = list(segment.inflight)
+                    segment.inflight.clear()
+                    segment.pipe = None
                     self._repair(lost, reencode=failures > 1)
-                    replay.extendleft(reversed(lost))
+                    segment.replay.extendleft(reversed(lost))
                     self._counters["pipeline_rebuilds"] += 1
-                    pipe = self._build(
-                        batch_size, derive_seed(self.seed, rank, epoch, index, failures), source
+                    segment.pipe = self._build(
+                        segment.batch_size,
+                        derive_seed(self.seed, rank, epoch, index, failures),
+                        segment.source,
                     )
                     continue
-                inflight.popleft()
+                segment.inflight.popleft()
                 failures = 0
                 index += 1
+                if segment.feeder.read_all.is_set():
+                    self._start_prepared()
                 yield self._to_torch(outputs)
         finally:
-            feeder.stop()
-            del pipe
+            segment.close()

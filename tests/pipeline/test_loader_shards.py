@@ -64,6 +64,41 @@ def test_digits_epoch_through_shard_reader(digits_shards):
     assert loader.stats["decode_fallback"] == 0
 
 
+def test_prepared_segments_give_the_same_batches_and_a_wrong_guess_costs_nothing(digits_shards):
+    """prepare() sets the next segment up ahead (reading, DALI build, first run); what it yields must
+    be exactly what the same call yields without it, and an announced segment that is not asked
+    for must not disturb the one that is."""
+
+    def run(announce):
+        reader = ShardReader(digits_shards, batch_size=128, seed=3)
+        loader = ViewLoader(reader, preset("demo", size=16), seed=7, num_threads=1)
+        out, prepared = [], []
+        for epoch, start in ((0, 0), (0, 5), (1, 0)):
+            batches = loader.epoch(epoch, start)
+            nxt = announce.get((epoch, start))
+            if nxt is not None:
+                loader.prepare(*nxt)
+            out.append([(b.views[0].clone(), b.views[1].clone(), b.labels.clone()) for b in batches])
+            prepared.append(loader._prepared.key if loader._prepared is not None else None)
+        loader.close()
+        return out, prepared
+
+    plain, none = run({})
+    ahead, ahead_keys = run({(0, 0): (0, 5), (0, 5): (1, 0)})
+    wrong, wrong_keys = run({(0, 0): (1, 3), (0, 5): (2, 0)})
+    # by the end of each segment the announced one was set up
+    assert (
+        none == [None] * 3 and ahead_keys == [(0, 5), (1, 0), None] and wrong_keys == [(1, 3), (2, 0), None]
+    )
+    assert [len(seg) for seg in plain] == [9, 4, 9]
+    for other in (ahead, wrong):
+        for seg_a, seg_b in zip(plain, other):
+            assert len(seg_a) == len(seg_b)
+            for a, b in zip(seg_a, seg_b):
+                for x, y in zip(a, b):
+                    assert torch.equal(x, y)
+
+
 @pytest.mark.parametrize("validate", [False, True])
 def test_corrupt_jpeg_past_validation_is_survived(tmp_path, validate):
     """A JPEG whose header is intact but whose entropy data is random bytes is handed out by a reader
