@@ -31,6 +31,7 @@ import io
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -186,10 +187,18 @@ class _Feeder(threading.Thread):
                     close()
 
     def get(self, timeout: float) -> _Batch:
-        try:
-            item = self.queue.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"ViewLoader: the reader produced no batch within {timeout:.0f} s") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                item = self.queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self.stopped.is_set():  # a segment set up ahead and discarded: no more batches
+                    raise StopIteration from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"ViewLoader: the reader produced no batch within {timeout:.0f} s"
+                    ) from None
         if item is _END:
             self._put(_END)  # DALI may ask again after the end
             raise StopIteration
