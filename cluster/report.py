@@ -248,11 +248,17 @@ def terminal_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _standard_error(accuracy: float, n: Any) -> str:
-    """sqrt(p (1 - p) / n) in accuracy points, as text."""
+def _binomial_se(accuracy: float, n: Any) -> float | None:
+    """sqrt(p (1 - p) / n), or None without a sample count."""
     if not isinstance(n, int) or n <= 0:
-        return "n/a"
-    return f"{100 * math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n):.1f} points"
+        return None
+    return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n)
+
+
+def _standard_error(accuracy: float, n: Any) -> str:
+    """``_binomial_se`` in accuracy points, as text."""
+    se = _binomial_se(accuracy, n)
+    return "n/a" if se is None else f"{100 * se:.1f} points"
 
 
 def _signed(points: float) -> str:
@@ -346,13 +352,11 @@ def render_markdown(metrics: Mapping[str, Any]) -> str:
             else:
                 verdict = "no — alpha > 0 is not more accurate under corruptions on this run"
             se = _standard_error(encoders[a]["knn_corrupted"], data.get("test"))
-            n = data.get("test")
-            if isinstance(n, int) and n > 0:
-                noise = max(
-                    math.sqrt(max(encoders[x][f"{p}_corrupted"] * (1 - encoders[x][f"{p}_corrupted"]), 0) / n)
-                    for x in (a, b)
-                    for p in PROBES
-                )
+            errors = [
+                _binomial_se(encoders[x][f"{p}_corrupted"], data.get("test")) for x in (a, b) for p in PROBES
+            ]
+            if None not in errors:
+                noise = max(errors)
                 if all(abs(d[f"{p}_corrupted"]) < noise for p in PROBES):
                     verdict += (
                         " (both differences are smaller than one standard error: no measurable difference)"
