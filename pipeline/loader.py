@@ -85,7 +85,6 @@ class _Segment:
         self.batch_size = 0
         self._error: BaseException | None = None
         self._first: Any = None  # the first run()'s outputs (or its exception), when set up ahead
-        self._background = background
         self._thread: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(target=self._setup, daemon=True, name="ViewLoader-prepare")
@@ -114,7 +113,7 @@ class _Segment:
         except BaseException as e:
             self._error = e
             return
-        if self._background:
+        if self._thread is not None:  # set up ahead, in the background
             # The first run fills DALI's prefetch queue (several batches of work): do it ahead too.
             # Its outputs stay valid until the pipeline runs again, which only the consumer does.
             try:
@@ -343,7 +342,7 @@ class ViewLoader:
         self.max_attempts = int(max_attempts)
         self._counters: collections.Counter = collections.Counter()
         self._next: tuple[int, int] | None = None
-        self._prepared: tuple[tuple[int, int], _Feeder] | None = None
+        self._prepared: _Segment | None = None
 
     def __len__(self) -> int:
         return int(self.reader.batches_per_epoch)

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from training.config import ARCHITECTURES, ModelConfig
+from training.config import ARCHITECTURES, ModelConfig, valid_width
 
 # torchvision's ResNet builders: (block, blocks per stage, extra constructor arguments).
 _RESNET_SPECS = {
@@ -64,8 +64,6 @@ def resnet(arch: str, *, width: float = 1.0, small_stem: bool = False, num_class
     Exported encoders load with ``strict=True`` into the network this function builds with the same
     arguments; with ``width == 1`` and no small stem that is plain ``torchvision.models.<arch>()``.
     """
-    from training.config import valid_width
-
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch: expected one of {', '.join(ARCHITECTURES)}, got {arch!r}")
     if not valid_width(width):
