@@ -104,11 +104,13 @@ class Projector(nn.Sequential):
     BYOL (Grill et al. 2020, arXiv 2006.07733, sec. 3.3): "a multi-layer perceptron (MLP) consisting
     in a linear layer with output size 4096 followed by batch normalization, rectified linear units
     (ReLU), and a final linear layer with output dimension 256"; ReLIC uses the same critic.
+    The first linear layer has no bias: the BatchNorm right after it subtracts the batch mean, so
+    such a bias would have no effect on the output and a gradient that is exactly 0.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 4096, out_dim: int = 256) -> None:
         super().__init__(
-            nn.Linear(in_dim, hidden_dim),
+            nn.Linear(in_dim, hidden_dim, bias=False),
             nn.BatchNorm1d(hidden_dim),
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, out_dim),

@@ -98,6 +98,7 @@ def test_projector_is_byol_mlp():
     layers = list(Projector(2048))
     assert [type(layer) for layer in layers] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
     assert (layers[0].in_features, layers[0].out_features, layers[3].out_features) == (2048, 4096, 256)
+    assert layers[0].bias is None and layers[3].bias is not None  # BatchNorm makes a first bias moot
 
 
 def test_model_forward_equals_per_view_forward():
