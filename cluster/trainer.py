@@ -10,8 +10,9 @@
 3. builds the ``TorchTrainer``: ``ScalingConfig`` (workers, GPUs, resources, placement),
    ``RunConfig`` (name, storage path — local or remote through ``cluster.storage`` — ``FailureConfig``,
    ``CheckpointConfig``), ``TorchConfig`` (gloo/nccl), the worker function ``cluster.worker.train_loop``;
-4. runs it while a controller-side callback streams every report to the driver, which prints one
-   concise progress line per report and keeps the history;
+4. runs it while rank 0 sends the metrics of every report to a small actor (``_ReportSink``), and a
+   controller-side callback adds each committed checkpoint and each worker failure; the driver drains
+   the sink, prints one concise progress line per report and keeps the history;
 5. returns where the run and its latest checkpoint are, with the metrics history.
 
 A run whose directory already holds checkpoints (same ``run.storage`` and ``run.name``) continues from
@@ -22,6 +23,9 @@ Ray Train V2 notes (ray 2.60, ``RAY_TRAIN_V2_ENABLED`` defaults to on): ``TorchT
 controller actor on the driver's node; ``UserCallback``s run in that controller process, not in the
 driver, so progress reaches the driver through a small actor (``_ReportSink``). ``Result.metrics`` only
 holds the metrics attached to the latest checkpoint, which is why the history is collected here.
+Metrics travel to the sink directly rather than through ``ray.train.report`` because each report
+is a barrier across ranks on a synchronisation actor plus a hand-over that waits for the
+controller's next poll: the workers call it at segment ends only (``cluster.worker``).
 """
 
 from __future__ import annotations
@@ -249,16 +253,17 @@ def _callback_class():
     from ray.train import UserCallback
 
     class _ForwardReports(UserCallback):
-        """Runs in the Ray Train controller: forwards each report and worker failure to the sink."""
+        """Runs in the Ray Train controller: forwards each committed checkpoint and each worker
+        failure to the sink (the metrics reach it from rank 0 directly, ``RaySession.report``)."""
 
         def __init__(self, sink) -> None:
             self.sink = sink
 
         def after_report(self, run_context, metrics, checkpoint) -> None:
-            item = {"kind": "report", "metrics": dict(metrics[0]) if metrics else {}}
             if checkpoint is not None:
-                item["checkpoint"] = checkpoint.path
-            self.sink.push.remote(item)  # fire and forget: never block the controller's event loop
+                step = metrics[0].get("step") if metrics else None
+                # fire and forget: never block the controller's event loop
+                self.sink.push.remote({"kind": "checkpoint", "step": step, "path": checkpoint.path})
 
         def after_exception(self, run_context, worker_exceptions) -> None:
             errors = {int(rank): f"{type(e).__name__}: {e}"[:2000] for rank, e in worker_exceptions.items()}
@@ -295,10 +300,16 @@ def progress_line(m: dict[str, Any]) -> str:
 
 
 def make_loop_config(
-    cfg: ExperimentConfig, storage: RunStorage, *, hooks: Sequence[Any] = (), sha: str | None = None
+    cfg: ExperimentConfig,
+    storage: RunStorage,
+    *,
+    hooks: Sequence[Any] = (),
+    sha: str | None = None,
+    sink: Any = None,
 ) -> dict[str, Any]:
     """What every worker receives (``cluster.worker.train_loop``): plain, picklable values. Storage
-    options are resolved here, on the driver, so that workers see the endpoints the user configured."""
+    options are resolved here, on the driver, so that workers see the endpoints the user configured.
+    ``sink``: the actor that carries rank 0's metrics to the driver (``fit``)."""
     return {
         "config": cfg.to_dict(),
         "run_dir": storage.run_url(cfg.run.name),
@@ -310,6 +321,7 @@ def make_loop_config(
         },
         "git_sha": sha or git_sha(),
         "hooks": list(hooks),
+        "sink": sink,
     }
 
 
@@ -399,7 +411,7 @@ def fit(
     )
 
     sink = _sink_class().remote()
-    loop_config = make_loop_config(cfg, storage, hooks=hooks, sha=info["git_sha"])
+    loop_config = make_loop_config(cfg, storage, hooks=hooks, sha=info["git_sha"], sink=sink)
     trainer = build_trainer(
         cfg,
         run_storage=storage,
@@ -419,10 +431,16 @@ def fit(
                 if m.get("restored_step", -1) != restored["step"]:
                     restored["step"] = m["restored_step"]
                     emit(f"resumed from the checkpoint at step {m['restored_step']}")
-                if item.get("checkpoint"):
-                    m["checkpoint"] = _as_url(storage, item["checkpoint"])
                 history.append(m)
                 emit(progress_line(m))
+            elif item["kind"] == "checkpoint":
+                url = _as_url(storage, item["path"])
+                # the metrics of that step arrived first (rank 0 sends them before reporting to Ray)
+                for m in reversed(history):
+                    if m.get("step") == item["step"]:
+                        m["checkpoint"] = url
+                        break
+                emit(f"checkpoint at step {item['step']}: {url}")
             else:
                 failures.append(item["errors"])
                 for rank, err in sorted(item["errors"].items()):

@@ -16,12 +16,16 @@ Each worker:
    exactly the same segment as the uninterrupted run did: same samples (the reader's resume
    contract) and same augmentations (the loader seeds DALI from (seed, rank, epoch, start_batch)).
    The cost is a pipeline rebuild per segment (per epoch, and per checkpoint within one).
-5. every ``run.report_every`` steps and at every segment end, all ranks call ``ray.train.report`` (the
-   same number of times on every rank, as Ray requires); the metrics are aggregated across ranks
-   first: loss terms (mean), lr, EMA momentum, images/s (sum), data-wait fraction (mean), skipped
-   samples by reason (sum). Rank 0 attaches the checkpoint and writes TensorBoard events. Under Ray
-   the checkpoint uploads in the background (``CheckpointUploadMode.ASYNC``) while training goes on;
-   rank 0 waits for its commit before its next report (see ``RaySession.report``).
+5. every ``run.report_every`` steps and at every segment end the ranks report metrics, aggregated
+   across ranks first: loss terms (mean), lr, EMA momentum, images/s (sum), data-wait fraction
+   (mean), skipped samples by reason (sum); rank 0 writes TensorBoard events. Under ``fit`` the
+   metrics go from rank 0 straight to the driver's report sink (one fire-and-forget actor call), and
+   ``ray.train.report`` — a barrier across ranks plus a hand-over to the controller's next poll — is
+   called at segment ends only (epoch ends, checkpoints, the last step), by every rank the same
+   number of times, as Ray requires; rank 0 attaches the checkpoint there. Without a sink (the loop
+   run by some other TorchTrainer) every metrics point is a ``ray.train.report``. The checkpoint
+   uploads in the background (``CheckpointUploadMode.ASYNC``) while training goes on; rank 0 waits
+   for its commit before it reports anything else (see ``RaySession.report``).
 6. at the end of every ``run.knn_every``-th epoch, when ``data.knn_val`` is set, rank 0 runs the
    online kNN monitor (frozen encoder features, weighted kNN; ``training.evaluate``).
 """
@@ -241,10 +245,14 @@ class _TensorBoard:
 
 class RaySession:
     """The loop's view of Ray Train: rank/world/device from the context, the checkpoint to resume
-    from, and ``report`` (every rank, same number of calls; a checkpoint directory from rank 0,
-    which the session then owns and deletes once it is uploaded)."""
+    from, and ``report`` (every rank, at the same points; a checkpoint directory from rank 0, which
+    the session then owns and deletes once it is uploaded).
 
-    def __init__(self, use_gpu: bool) -> None:
+    ``sink``: the driver's report sink (an actor handle, ``cluster.trainer.fit``). With one, the
+    metrics of every report go from rank 0 to the sink, and only segment ends become
+    ``ray.train.report`` calls (see the module doc); without one, every report is one."""
+
+    def __init__(self, use_gpu: bool, sink: Any = None) -> None:
         import ray
         import ray.train
 
@@ -261,6 +269,7 @@ class RaySession:
             self.device = ray.train.torch.get_device()
         else:
             self.device = torch.device("cpu")
+        self.sink = sink
         self._uncommitted = False
 
     @contextlib.contextmanager
@@ -276,21 +285,32 @@ class RaySession:
             yield directory, checkpoint.path
 
     def report(
-        self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None
+        self,
+        metrics: dict[str, Any],
+        checkpoint_dir: str | None = None,
+        name: str | None = None,
+        *,
+        at_segment_end: bool = True,
     ) -> None:
         import ray.train
 
         if self._uncommitted:
-            # The controller collects reports by polling the workers (every 2 s): a worker that dies
-            # before the poll takes its last report, and the checkpoint in it, along, and the restart
-            # begins from an older checkpoint. So before reporting anything else, rank 0 waits until
-            # the previous checkpoint is committed — a report interval later it almost always is, so
-            # this costs nothing, while waiting right after the checkpoint would stall training for a
+            # The controller collects reports by polling the workers: a worker that dies before the
+            # poll takes its last report, and the checkpoint in it, along, and the restart begins
+            # from an older checkpoint. So before reporting anything else, rank 0 waits until the
+            # previous checkpoint is committed — a report interval later it almost always is, so
+            # this costs little, while waiting right after the checkpoint would stall training for a
             # poll interval at every checkpoint. (The other ranks wait at the next collective.)
             ray.train.get_all_reported_checkpoints(
                 consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=COMMIT_TIMEOUT_S
             )
             self._uncommitted = False
+        if self.sink is not None:
+            if self.rank == 0:
+                # fire and forget; calls from one caller run in order, so the driver sees every step
+                self.sink.push.remote({"kind": "report", "metrics": metrics})
+            if not at_segment_end:
+                return
         if name is None:
             ray.train.report(metrics)
             return
@@ -329,7 +349,12 @@ class LocalSession:
         yield (found, found) if found else (None, None)
 
     def report(
-        self, metrics: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None
+        self,
+        metrics: dict[str, Any],
+        checkpoint_dir: str | None = None,
+        name: str | None = None,
+        *,
+        at_segment_end: bool = True,
     ) -> None:
         self.reports.append(dict(metrics))
         if checkpoint_dir and name:
@@ -349,7 +374,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from cluster.config import config_from_dict
 
     cfg = config_from_dict(loop_config["config"])
-    run_loop(loop_config, RaySession(cfg.scaling.use_gpu))
+    run_loop(loop_config, RaySession(cfg.scaling.use_gpu, sink=loop_config.get("sink")))
 
 
 def run_loop(loop_config: dict[str, Any], session: Any) -> None:
@@ -502,6 +527,7 @@ def run_loop(loop_config: dict[str, Any], session: Any) -> None:
                             cfg=cfg,
                             epoch=epoch,
                             checkpoint=at_checkpoint,
+                            at_segment_end=state.step == stop,
                             knn=knn,
                             rank=rank,
                             world=world,
@@ -532,6 +558,7 @@ def _report(
     cfg: Any,
     epoch: int,
     checkpoint: bool,
+    at_segment_end: bool,
     knn: float | None,
     rank: int,
     world: int,
@@ -568,10 +595,10 @@ def _report(
         )
     name = ckpt.checkpoint_dir_name(state.step)
     if not checkpoint:
-        session.report(metrics)
+        session.report(metrics, at_segment_end=at_segment_end)
         return
     if rank != 0:
-        session.report(metrics, None, name)
+        session.report(metrics, None, name, at_segment_end=True)
         return
     if tensorboard is not None:
         tensorboard.sync()
@@ -588,4 +615,4 @@ def _report(
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
-    session.report(metrics, directory, name)
+    session.report(metrics, directory, name, at_segment_end=True)

@@ -87,7 +87,11 @@ def test_two_workers_train_end_to_end(reference):
         assert m["images_per_s"] > 0 and 0 <= m["data_wait_fraction"] <= 1
         assert m["skipped_total"] == 0 and "skipped/corrupt_image" in m
         assert m["restored_step"] == -1
-    assert len(lines) >= 4 and lines[-1].startswith("step 8/8")
+    steps_lines = [line for line in lines if line.startswith("step ")]
+    assert len(steps_lines) == 4 and steps_lines[-1].startswith("step 8/8"), lines
+    # the committed checkpoint reaches the driver too, attached to the metrics of its step
+    assert f"checkpoint at step 8: {result.checkpoint}" in lines, lines
+    assert result.metrics[-1]["checkpoint"] == result.checkpoint
     # the reported loss is the mean of the two ranks' losses
     steps = ray_hooks.last_by_rank_step(records)
     assert sorted({r for r, _ in steps}) == [0, 1]
