@@ -67,12 +67,16 @@ def _tree_rss_bytes(proc: psutil.Process) -> int:
     return total
 
 
-def measure_child(fn: Callable[..., dict], *args: Any, timeout: float = 1800) -> dict:
+def measure_child(
+    fn: Callable[..., dict], *args: Any, timeout: float = 1800, rss_interval: float = 0.02
+) -> dict:
     """Run ``fn(*args)`` in a fresh process (spawn) and return its result dict plus ``peak_rss_mb``
     (that process's own high-water mark, or its largest child's) and ``tree_peak_rss_mb``: the peak
     of the summed RSS of the process and all its descendants (DataLoader workers, build workers),
-    sampled every 20 ms *from this process* — a sampling thread inside the contender would change
-    what it measures (e.g. the shard build forks its workers only when it runs no other thread)."""
+    sampled every ``rss_interval`` seconds *from this process* — a sampling thread inside the
+    contender would change what it measures (e.g. the shard build forks its workers only when it
+    runs no other thread). Sampling costs CPU in proportion to the number of processes in the tree
+    (a local Ray instance has about 15): where the tree's peak is not a target, sample less often."""
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, queue))
@@ -84,7 +88,7 @@ def measure_child(fn: Callable[..., dict], *args: Any, timeout: float = 1800) ->
         while True:
             peak = max(peak, _tree_rss_bytes(watched))
             try:
-                status, payload = queue.get(timeout=0.02)
+                status, payload = queue.get(timeout=rss_interval)
                 break
             except queue_mod.Empty:
                 if time.monotonic() > deadline or not proc.is_alive():
