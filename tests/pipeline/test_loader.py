@@ -90,6 +90,18 @@ def test_low_precision_and_channels_last(images, dtype):
     assert batch.labels.tolist() == [4, 5, 6, 7]
 
 
+def test_views_stay_valid_while_later_batches_are_made(images):
+    """On the CPU a view shares DALI's output buffer (no copy): it must not be recycled by later runs."""
+    batches = ViewLoader(ListReader(images, batch_size=2), preset("relic"), seed=0).epoch(0)
+    first = next(batches)
+    kept = [v.clone() for v in first.views]
+    rest = list(batches)  # 11 more pipeline runs while `first` is held
+    assert len(rest) == 11
+    for v, ref in zip(first.views, kept):
+        assert torch.equal(v, ref)
+    assert not any(torch.equal(first.views[0], b.views[0]) for b in rest)
+
+
 def test_same_seed_same_batches_and_epochs_differ(images):
     reader = ListReader(images, batch_size=6)
 
