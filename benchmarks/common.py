@@ -102,6 +102,12 @@ def measure_child(
     return {**payload, "tree_peak_rss_mb": peak / 2**20}
 
 
+def median_run(runs: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run with the median ``run[key]`` (the lower middle one of an even number)."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    return ordered[(len(ordered) - 1) // 2]
+
+
 class Timer:
     def __enter__(self) -> Timer:
         self.start = time.perf_counter()

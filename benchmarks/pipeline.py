@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import cpu_seconds, measure_child, parser, print_table, write_results
+from benchmarks.common import cpu_seconds, measure_child, median_run, parser, print_table, write_results
 
 BATCH = 32
 THREADS = 2
@@ -198,7 +198,7 @@ def main() -> None:
     for r in range(repeats):
         for name in names[-r % 3 :] + names[: -r % 3]:
             runs[name].append(measure_child(fns[name], one))
-    contenders = {name: _median_run(rs) for name, rs in runs.items()}
+    contenders = {name: median_run(rs, "pairs_per_s") for name, rs in runs.items()}
     contenders["ours_4x"] = measure_child(run_ours, four)
     contenders["reader"] = measure_child(run_reader, one)
     rows = [
@@ -241,12 +241,6 @@ def main() -> None:
         repeats=repeats,
         quick=args.quick,
     )
-
-
-def _median_run(runs: list[dict]) -> dict:
-    """The run with the median view pairs/s (the lower middle one of an even number)."""
-    ordered = sorted(runs, key=lambda r: r["pairs_per_s"])
-    return ordered[(len(ordered) - 1) // 2]
 
 
 if __name__ == "__main__":

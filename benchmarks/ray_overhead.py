@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import measure_child, parser, print_table, write_results
+from benchmarks.common import measure_child, median_run, parser, print_table, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pair_ratios = [r["steps_per_s"] / d["steps_per_s"] for r, d in zip(runs["ray"], runs["direct"])]
     ratio = statistics.median(pair_ratios)
-    med = {name: _median_run(r) for name, r in runs.items()}
+    med = {name: median_run(r, "steps_per_s") for name, r in runs.items()}
     rows = [
         {
             "contender": name,
@@ -249,12 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(json.dumps({"ray_vs_direct": ratio, "data_wait_fraction": demo["data_wait_fraction"]}))
     return 0
-
-
-def _median_run(runs: list[dict]) -> dict:
-    """The run with the median steps/s (the lower middle one of an even number)."""
-    ordered = sorted(runs, key=lambda r: r["steps_per_s"])
-    return ordered[(len(ordered) - 1) // 2]
 
 
 if __name__ == "__main__":

@@ -423,6 +423,7 @@ def fit(
     history: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     restored = {"step": -1}
+    unclaimed: dict[int, str] = {}  # checkpoints whose step's metrics have not arrived yet
 
     def drain() -> None:
         for item in ray.get(sink.drain.remote(), timeout=60):
@@ -431,15 +432,20 @@ def fit(
                 if m.get("restored_step", -1) != restored["step"]:
                     restored["step"] = m["restored_step"]
                     emit(f"resumed from the checkpoint at step {m['restored_step']}")
+                if m.get("step") in unclaimed:
+                    m["checkpoint"] = unclaimed.pop(m["step"])
                 history.append(m)
                 emit(progress_line(m))
             elif item["kind"] == "checkpoint":
                 url = _as_url(storage, item["path"])
-                # the metrics of that step arrived first (rank 0 sends them before reporting to Ray)
+                # Rank 0 sends a step's metrics before it reports the checkpoint to Ray, so they are
+                # almost always here already; the two travel by different callers, though.
                 for m in reversed(history):
                     if m.get("step") == item["step"]:
                         m["checkpoint"] = url
                         break
+                else:
+                    unclaimed[item["step"]] = url
                 emit(f"checkpoint at step {item['step']}: {url}")
             else:
                 failures.append(item["errors"])
