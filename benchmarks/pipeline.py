@@ -13,13 +13,12 @@ and ``dali_native`` run ``REPEATS`` times each in rotating order and the median 
 run each with ``--quick``); every run is in the JSON under ``runs``:
 
 - ``ours``: ``ShardReader`` (Python tar streaming, cheap JPEG validation) -> ``ViewLoader`` with
-  ``num_threads=2``: DALI CPU decoder and operators, views handed to torch (``to_torch``: DALI's
-  output buffers, no copy).
+  ``num_threads=2``: DALI CPU decoder and operators, views copied into torch tensors.
 - ``torchvision``: ``pipeline.reference.reference_loader``: webdataset + Pillow + transforms v2 in a
   DataLoader with 2 workers.
 - ``dali_native``: ``fn.readers.webdataset`` over the same tars and ``.idx`` files feeding the same
-  graph (``pipeline.augment.views_graph``) with ``num_threads=2``, outputs handed to torch the same
-  way.
+  graph (``pipeline.augment.views_graph``) with ``num_threads=2``, outputs copied into torch tensors
+  the same way.
 - ``ours_4x``: ``ours`` on the 4x shard set (peak RSS only matters; it must not grow with shards).
 - ``reader``: ``ShardReader.epoch`` alone (shards -> batched JPEG bytes, no decode), one process.
 
@@ -128,7 +127,7 @@ def run_dali_native(shards: str) -> dict:
     def batches():
         for _ in range(iterations):
             out = pipe.run()
-            to_torch(out, device=torch.device("cpu"))  # the same DALI -> torch hand-over as ours
+            to_torch(out, device=torch.device("cpu"))  # the same DALI -> torch copy as ours
             yield None
 
     torch.set_num_threads(1)

@@ -368,10 +368,6 @@ def build_pipeline(
         device_id=device_id if device == "gpu" else None,
         seed=seed & 0x7FFFFFFF,
         prefetch_queue_depth=prefetch_queue_depth,
-        # DALI's default executor since 1.44, stated because ``pipeline.loader.to_torch`` relies on
-        # it: outputs are allocated per run and live while referenced, so they can be handed out
-        # without a copy.
-        exec_dynamic=True,
     )
 
 

@@ -91,7 +91,7 @@ def test_low_precision_and_channels_last(images, dtype):
 
 
 def test_views_stay_valid_while_later_batches_are_made(images):
-    """On the CPU a view shares DALI's output buffer (no copy): it must not be recycled by later runs."""
+    """A view handed out must not change when DALI runs on (its buffers are reused or freed)."""
     batches = ViewLoader(ListReader(images, batch_size=2), preset("relic"), seed=0).epoch(0)
     first = next(batches)
     kept = [v.clone() for v in first.views]
