@@ -251,7 +251,7 @@ def to_torch(
     Not zero-copy on purpose: handing out DALI's own output buffers (``torch.from_dlpack``; safe
     while the process runs, since DALI's dynamic executor keeps referenced outputs alive) gained
     +3.7% pairs/s, within the noise, and one CI run then segfaulted at interpreter exit after every
-    test had passed — a torch tensor's deleter calling into DALI after DALI was torn down."""
+    test had passed (most likely a torch tensor's deleter calling into DALI after DALI was torn down)."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
