@@ -187,15 +187,17 @@ def main() -> None:
     one, four = build(cache, count)
     print(f"shards: {one} ({count} photos) and 4x copy, ready in {time.perf_counter() - t:.1f} s")
 
-    # Run-to-run noise on this 2-core machine is about +-5%, as large as the margins the targets
-    # ask about: the three throughput contenders run REPEATS times each, in rotating order (ABC,
-    # CAB, BCA: each one runs first, middle and last once), and the median run of each counts.
+    # Run-to-run noise on this 2-core machine (+-5% for ours, torchvision 78 to 112 pairs/s in one
+    # session) is as large as the margins the targets ask about: the three throughput contenders
+    # run REPEATS times each, in rotating order (ABC, CAB, BCA: each one runs first, middle and last
+    # once), and the median run of each counts.
     repeats = 1 if args.quick else REPEATS
     fns = {"ours": run_ours, "torchvision": run_torchvision, "dali_native": run_dali_native}
     names = list(fns)
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(repeats):
-        for name in names[-r % 3 :] + names[: -r % 3]:
+        shift = -r % len(names)
+        for name in names[shift:] + names[:shift]:
             runs[name].append(measure_child(fns[name], one))
     contenders = {name: median_run(rs, "pairs_per_s") for name, rs in runs.items()}
     contenders["ours_4x"] = measure_child(run_ours, four)

@@ -31,8 +31,8 @@ epoch.
 Headline (DESIGN.md): ``ray_vs_direct`` = ray steps/s / direct steps/s (target >= 0.95, i.e. Ray Train
 costs at most 5%), ``data_wait_fraction`` = the demo's warm data-wait fraction (target <= 0.05). On a
 machine shared with other work, run it when the machine is otherwise idle. Run-to-run noise on this
-2-core machine is about ±5 to 10% for either contender (the same direct run measured 5.3 to 6.6 steps/s
-within one hour), as large as the effect, so the contenders run in ``PAIRS`` back-to-back pairs
+2-core machine is about ±5 to 10% for either contender (the same direct run measured 5.3 to 7.2 steps/s
+within one session), as large as the effect, so the contenders run in ``PAIRS`` back-to-back pairs
 (direct-ray, ray-direct, ...; one pair with ``--quick``) and ``ray_vs_direct`` is the median of the
 per-pair ratios; every run is in the JSON. ``off-CPU ms/step`` (wall time per step minus
 the training thread's CPU time) attributes the difference: it is where waiting for a report, for data
