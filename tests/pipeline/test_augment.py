@@ -42,8 +42,9 @@ def plain(**kw) -> ViewSpec:
 
 
 def run(recipe: ViewRecipe, images: list[np.ndarray], batches: int, seed: int = 0) -> list[np.ndarray]:
-    """Pixel values (0..255 scale, HWC) of every view: ``[batches * len(images), H, W, 3]`` per view."""
-    data = [png(a) for a in images]
+    """Pixel values (0..255 scale, HWC) of every view: ``[batches * len(images), H, W, 3]`` per view.
+    ``images``: HWC arrays (fed as PNG) or already encoded files (1-D uint8)."""
+    data = [a if a.ndim == 1 else png(a) for a in images]
     labels = np.arange(len(data), dtype=np.int64)
     pipe = build_pipeline(
         recipe, batch_size=len(data), num_threads=2, seed=seed, source=lambda: (data, labels), layout="HWC"
@@ -113,6 +114,27 @@ def test_single_ops_match_numpy():
     np.testing.assert_allclose(solar, np.where(a >= 128, 255 - a, a), atol=1e-3)
     expected = (a / 255 - np.array([0.5, 0.25, 0.125])) / np.array([0.5, 0.25, 2.0]) * 255
     np.testing.assert_allclose(normed, expected, atol=1e-2)
+
+
+def test_jpeg_decode_accurate_idct_is_pillow_and_fast_idct_is_close():
+    """``fast_idct=False`` decodes a real photo exactly as Pillow does; the default fast IDCT differs
+    by about a grey level (the bound documented on ``ViewRecipe.fast_idct``)."""
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(buf, format="JPEG", quality=90)  # 512 x 512
+    jpeg = np.frombuffer(buf.getvalue(), np.uint8)
+    pillow = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB")).astype(np.float64)
+    # full-frame crop of a square image at its own size: the identity, as test_single_ops_match_numpy shows
+    decoded = {
+        fast: run(ViewRecipe(views=[plain(size=512)], num_large=1, fast_idct=fast), [jpeg], batches=1)[0][0]
+        for fast in (False, True)
+    }
+    np.testing.assert_allclose(decoded[False], pillow, atol=1e-3)
+    diff = decoded[True] - pillow
+    psnr = 10 * np.log10(255**2 / np.mean(diff**2))
+    assert 0 < np.abs(diff).mean() < 2 and psnr > 38, (np.abs(diff).mean(), psnr)
+    assert preset("relic").fast_idct and not preset("relic", fast_idct=False).fast_idct
 
 
 def _within_binomial(hits: np.ndarray, p: float, what: str) -> None:
