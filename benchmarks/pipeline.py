@@ -8,22 +8,17 @@ Setup: ``builtin:photos`` crops (longer side 375..500 px, like ImageNet; 2,000 o
 shard set repeats those shard files under new names (same bytes, 4x the shards and samples).
 
 Contenders, each in a fresh process (``benchmarks.common.measure_child``), batch 32, one epoch,
-the first ``WARMUP`` batches untimed (pipeline build, worker start-up). ``ours``,
-``ours_exact_idct``, ``torchvision`` and ``dali_native`` run ``REPEATS`` times each in rotating
-order and the median run counts (one run each with ``--quick``); every run is in the JSON under
-``runs``:
+the first ``WARMUP`` batches untimed (pipeline build, worker start-up). ``ours``, ``torchvision``
+and ``dali_native`` run ``REPEATS`` times each in rotating order and the median run counts (one
+run each with ``--quick``); every run is in the JSON under ``runs``:
 
 - ``ours``: ``ShardReader`` (Python tar streaming, cheap JPEG validation) -> ``ViewLoader`` with
-  ``num_threads=2``: DALI CPU decoder and operators, views copied into torch tensors. The
-  ``relic`` preset as shipped: JPEG decoding with libjpeg-turbo's fast IDCT
-  (``ViewRecipe.fast_idct``).
-- ``ours_exact_idct``: ``ours`` with ``fast_idct=False`` (decoded pixels equal Pillow's, as the
-  torchvision contender decodes them): what the fast IDCT buys.
+  ``num_threads=2``: DALI CPU decoder and operators, views copied into torch tensors.
 - ``torchvision``: ``pipeline.reference.reference_loader``: webdataset + Pillow + transforms v2 in a
   DataLoader with 2 workers.
 - ``dali_native``: ``fn.readers.webdataset`` over the same tars and ``.idx`` files feeding the same
-  graph (``pipeline.augment.views_graph``, fast IDCT too) with ``num_threads=2``, outputs copied
-  into torch tensors the same way.
+  graph (``pipeline.augment.views_graph``) with ``num_threads=2``, outputs copied into torch tensors
+  the same way.
 - ``ours_4x``: ``ours`` on the 4x shard set (peak RSS only matters; it must not grow with shards).
 - ``reader``: ``ShardReader.epoch`` alone (shards -> batched JPEG bytes, no decode), one process.
 
@@ -34,8 +29,7 @@ batches) put the 1x run past that warm-up, so ``rss_growth_4x`` compares steady 
 ``tree_peak_rss_mb`` is the peak of the summed RSS of the process and its children, sampled every
 20 ms by ``measure_child`` (DataLoader workers are separate processes, DALI threads are not).
 
-Headline: ``speedup_vs_torchvision`` = ours / torchvision view pairs per second
-(``speedup_vs_torchvision_exact_idct``: the same with ``ours_exact_idct``);
+Headline: ``speedup_vs_torchvision`` = ours / torchvision view pairs per second;
 ``ratio_vs_dali_native`` = ours / dali_native; ``rss_growth_4x`` = ours_4x / ours tree peak RSS;
 ``reader_samples_per_s``. Targets (issue 3, 2-core machine): >= 2.5, >= 0.9, <= 1.10.
 """
@@ -53,7 +47,7 @@ from benchmarks.common import cpu_seconds, measure_child, median_run, parser, pr
 BATCH = 32
 THREADS = 2
 WARMUP = 2
-REPEATS = 4
+REPEATS = 3
 
 
 def _timed(batches, batch_size: int, cpu_start: float) -> dict:
@@ -76,21 +70,17 @@ def _timed(batches, batch_size: int, cpu_start: float) -> dict:
     }
 
 
-def run_ours(shards: str, fast_idct: bool = True) -> dict:
+def run_ours(shards: str) -> dict:
     from pipeline.augment import preset
     from pipeline.loader import ViewLoader
     from pipeline.reader import ShardReader
 
     cpu_start = cpu_seconds()
     reader = ShardReader(shards, batch_size=BATCH, seed=0)
-    loader = ViewLoader(reader, preset("relic", fast_idct=fast_idct), seed=0, num_threads=THREADS)
+    loader = ViewLoader(reader, preset("relic"), seed=0, num_threads=THREADS)
     result = _timed(loader.epoch(0), BATCH, cpu_start)
     result["stats"] = {k: v for k, v in loader.stats.items() if v}
     return result
-
-
-def run_ours_exact_idct(shards: str) -> dict:
-    return run_ours(shards, fast_idct=False)
 
 
 def run_torchvision(shards: str) -> dict:
@@ -198,16 +188,11 @@ def main() -> None:
     print(f"shards: {one} ({count} photos) and 4x copy, ready in {time.perf_counter() - t:.1f} s")
 
     # Run-to-run noise on this 2-core machine (+-5% for ours, torchvision 78 to 112 pairs/s in one
-    # session) is as large as the margins the targets ask about: the four throughput contenders
-    # run REPEATS (= 4) times each, in rotating order (ABCD, DABC, CDAB, BCDA: each one runs once
-    # in every position), and the median run of each counts.
+    # session) is as large as the margins the targets ask about: the three throughput contenders
+    # run REPEATS times each, in rotating order (ABC, CAB, BCA: each one runs first, middle and last
+    # once), and the median run of each counts.
     repeats = 1 if args.quick else REPEATS
-    fns = {
-        "ours": run_ours,
-        "ours_exact_idct": run_ours_exact_idct,
-        "torchvision": run_torchvision,
-        "dali_native": run_dali_native,
-    }
+    fns = {"ours": run_ours, "torchvision": run_torchvision, "dali_native": run_dali_native}
     names = list(fns)
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(repeats):
@@ -242,7 +227,6 @@ def main() -> None:
     ours, tv, native, x4 = (contenders[k] for k in ("ours", "torchvision", "dali_native", "ours_4x"))
     headline = {
         "speedup_vs_torchvision": ours["pairs_per_s"] / tv["pairs_per_s"],
-        "speedup_vs_torchvision_exact_idct": contenders["ours_exact_idct"]["pairs_per_s"] / tv["pairs_per_s"],
         "ratio_vs_dali_native": ours["pairs_per_s"] / native["pairs_per_s"],
         "rss_growth_4x": x4["tree_peak_rss_mb"] / ours["tree_peak_rss_mb"],
         "reader_samples_per_s": contenders["reader"]["samples_per_s"],

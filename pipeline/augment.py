@@ -1,8 +1,7 @@
 """View recipes as data, compiled to one NVIDIA DALI graph.
 
 A :class:`ViewRecipe` lists one :class:`ViewSpec` per view. :func:`views_graph` turns it into DALI
-operators: every image is decoded once (on the CPU with libjpeg-turbo's fast integer IDCT unless
-``ViewRecipe.fast_idct`` is False), then each view applies, in BYOL's order (Grill et al. 2020,
+operators: every image is decoded once, then each view applies, in BYOL's order (Grill et al. 2020,
 arXiv 2006.07733, Appendix B / Table 6):
 
 1. random resized crop to ``size`` x ``size`` (area fraction in ``scale``, aspect ratio in ``ratio``),
@@ -123,17 +122,6 @@ class ViewRecipe:
 
     views: list[ViewSpec] = field(default_factory=list)
     num_large: int = 2
-    fast_idct: bool = True
-    """JPEG decoding on the CPU with libjpeg-turbo's fast integer IDCT (DALI's ``use_fast_idct``);
-    False: the accurate integer IDCT, whose pixels equal Pillow's decode bit for bit. On the GPU
-    ("mixed") the flag only affects images that nvJPEG hands back to the CPU decoder. Measured on
-    the benchmark's ImageNet-size photos (``benchmarks/pipeline.py``, ``use_fast_idct`` in the JSON):
-    decoding takes ~40% less CPU (1.36 -> 0.79 ms per image, one thread), ~9% of the whole CPU
-    view-pair graph, and the decoded pixels differ from the accurate ones by 1.1 levels on average
-    (max 19, PSNR 43.8 dB). Those photos are stored at high quality (luma quantisers 1-2), where
-    the fast IDCT is least accurate (libjpeg-turbo 1.1.0 release notes: it "degrades somewhat for
-    JPEG qualities greater than 95"); a difference this size is far below what the colour jitter
-    and blur of the recipe do to every view. Set False where decoded pixels must be exact."""
 
     def __post_init__(self) -> None:
         self.views = list(self.views)
@@ -174,7 +162,7 @@ def preset(name: str, **overrides: Any) -> ViewRecipe:
       flip (digits are not mirror symmetric), blur sigma scaled to the small image.
 
     Overrides: ``num_small`` (relicv2), ``size`` (the large views), ``small_size`` (the small views),
-    ``num_large``, ``fast_idct`` (see :class:`ViewRecipe`); any other :class:`ViewSpec` field applies to every view, or per view when given as
+    ``num_large``; any other :class:`ViewSpec` field applies to every view, or per view when given as
     a list with one value per view (e.g. ``blur_p=[1.0, 0.5]``).
     """
     num_small = overrides.pop("num_small", 4 if name == "relicv2" else 0)
@@ -200,7 +188,6 @@ def preset(name: str, **overrides: Any) -> ViewRecipe:
     else:
         raise ValueError(f"unknown view preset {name!r}: expected one of 'relic', 'relicv2', 'demo'")
     num_large = overrides.pop("num_large", 2)
-    fast_idct = bool(overrides.pop("fast_idct", True))
     overrides.pop("small_size", None)
     names = {f.name for f in dataclasses.fields(ViewSpec)}
     for key, value in overrides.items():
@@ -214,7 +201,7 @@ def preset(name: str, **overrides: Any) -> ViewRecipe:
             views = [dataclasses.replace(v, **{key: x}) for v, x in zip(views, value)]
         else:
             views = [dataclasses.replace(v, **{key: value}) for v in views]
-    return ViewRecipe(views=views, num_large=num_large, fast_idct=fast_idct)
+    return ViewRecipe(views=views, num_large=num_large)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -329,12 +316,7 @@ def views_graph(encoded, recipe: ViewRecipe, *, device: str = "cpu", fp16: bool 
         raise ValueError(f"device: expected 'cpu' or 'gpu', got {device!r}")
     if layout not in ("CHW", "HWC"):
         raise ValueError(f"layout: expected 'CHW' or 'HWC', got {layout!r}")
-    decoded = fn.decoders.image(
-        encoded,
-        device="mixed" if device == "gpu" else "cpu",
-        output_type=types.RGB,
-        use_fast_idct=recipe.fast_idct,
-    )
+    decoded = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
     dtype = types.FLOAT16 if fp16 else types.FLOAT
     return [_view(decoded, spec, dtype, layout) for spec in recipe.views]
 
