@@ -246,12 +246,13 @@ def to_torch(
     outputs: tuple, *, device: torch.device, dtype: torch.dtype = torch.float32, channels_last: bool = False
 ) -> ViewBatch:
     """DALI outputs ``(view_0, ..., view_{V-1}, labels)`` -> ``ViewBatch`` on ``device``: one copy per view
-    from DALI's buffer into torch memory.
+    from DALI's buffer into torch memory, made before the pipeline runs again.
 
-    Not zero-copy on purpose: handing out DALI's own output buffers (``torch.from_dlpack``; safe
-    while the process runs, since DALI's dynamic executor keeps referenced outputs alive) gained
-    +3.7% pairs/s, within the noise, and one CI run then segfaulted at interpreter exit after every
-    test had passed (most likely a torch tensor's deleter calling into DALI after DALI was torn down)."""
+    Not zero-copy on purpose: the CPU pipeline runs on DALI's classic executor, which reuses its
+    output buffers at a later run (``pipeline.augment.build_pipeline``), so a tensor viewing them
+    would change under the training loop. (Zero-copy with DALI's dynamic executor, which keeps
+    referenced outputs alive, gained +3.7% pairs/s, within the noise, and one CI run then segfaulted
+    at interpreter exit after every test had passed; the classic executor saves more.)"""
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
