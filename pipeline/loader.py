@@ -6,7 +6,9 @@ and ``labels`` in tests) and a :class:`~pipeline.augment.ViewRecipe`.
 
 Overlap: a background thread pulls raw batches from the reader (Python: tar streaming, S3) into a
 bounded queue of ``prefetch`` batches, while DALI's worker threads (native code, no GIL) decode and
-augment the batches that ``fn.external_source`` already took, ``prefetch`` batches ahead.
+augment the batches that ``fn.external_source`` already took, ``prefetch`` batches ahead. On the CPU
+the threads are split into independent single-threaded pipelines dealt the batches round robin
+(``num_pipelines``), so that no thread waits for another at the end of each operator.
 
 Reproducibility: the DALI pipeline is rebuilt for every ``epoch()`` call with its seed derived from
 (seed, reader rank, epoch, start_batch), so the same reader data and the same arguments give the
@@ -44,6 +46,8 @@ from pipeline.augment import ViewRecipe, build_pipeline, derive_seed
 log = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: The most DALI pipelines ``ViewLoader`` runs on the CPU by default (each holds its own buffers).
+MAX_CPU_PIPELINES = 4
 
 
 @dataclass
@@ -69,20 +73,44 @@ class _Batch:
 _END = object()
 
 
+class _Lane:
+    """One DALI pipeline of a segment: the batches it holds (``inflight``) or must see again after a
+    repair (``replay``). Lane ``k`` of ``P`` processes the segment's batches ``k, k + P, ...``."""
+
+    def __init__(self, segment: _Segment, index: int) -> None:
+        self.segment, self.index = segment, index
+        self.pending: collections.deque[_Batch] = collections.deque()  # dealt to this lane, not yet taken
+        self.inflight: collections.deque[_Batch] = collections.deque()
+        self.replay: collections.deque[_Batch] = collections.deque()
+        self.pipe: Any = None
+
+    def source(self):
+        batch = self.replay.popleft() if self.replay else self.segment.deal(self)
+        self.inflight.append(batch)
+        return batch.arrays, batch.labels
+
+    def seed(self, *extra: int) -> int:
+        loader, segment = self.segment.loader, self.segment
+        rank = int(getattr(loader.reader, "rank", 0))
+        lane = (self.index,) if len(segment.lanes) > 1 else ()  # one lane: the seeds of one pipeline
+        return derive_seed(loader.seed, rank, *segment.key, *extra, *lane)
+
+
 class _Segment:
-    """One ``epoch(epoch, start_batch)`` call's state: its reading thread, the batches DALI holds
-    (``inflight``) or must see again after a repair (``replay``), and its DALI pipeline, built once
-    the first batch gives the batch size — in the caller's thread, or ahead in a background thread
+    """One ``epoch(epoch, start_batch)`` call's state: its reading thread and its lanes (DALI
+    pipelines, ``ViewLoader.num_pipelines`` of them, dealt the batches round robin), built once the
+    first batch gives the batch size — in the caller's thread, or ahead in a background thread
     (``ViewLoader.prepare``)."""
 
     def __init__(self, loader: ViewLoader, epoch: int, start_batch: int, background: bool = False) -> None:
         self.loader, self.key = loader, (epoch, start_batch)
         self.feeder = _Feeder(iter(loader.reader.epoch(epoch, start_batch)), loader.prefetch)
         self.feeder.start()
-        self.inflight: collections.deque[_Batch] = collections.deque()
-        self.replay: collections.deque[_Batch] = collections.deque()
-        self.pipe: Any = None
+        self.lanes = [_Lane(self, k) for k in range(loader.num_pipelines)]
         self.batch_size = 0
+        self.outputs = 0  # batches handed out so far: the next comes from lane outputs % P
+        self._dealt = 0
+        self._deal_lock = threading.Lock()
         self._error: BaseException | None = None
         self._first: Any = None  # the first run()'s outputs (or its exception), when set up ahead
         self._thread: threading.Thread | None = None
@@ -90,10 +118,20 @@ class _Segment:
             self._thread = threading.Thread(target=self._setup, daemon=True, name="ViewLoader-prepare")
             self._thread.start()
 
-    def source(self):
-        batch = self.replay.popleft() if self.replay else self.feeder.get(self.loader.timeout)
-        self.inflight.append(batch)
-        return batch.arrays, batch.labels
+    def deal(self, lane: _Lane) -> _Batch:
+        """The next batch of ``lane``: the segment's batch ``j`` goes to lane ``j % P`` whatever order
+        the lanes' DALI threads ask in (raises StopIteration when the reader has no more)."""
+        with self._deal_lock:
+            while not lane.pending:
+                batch = self.feeder.get(self.loader.timeout)
+                self.lanes[self._dealt % len(self.lanes)].pending.append(batch)
+                self._dealt += 1
+            return lane.pending.popleft()
+
+    @property
+    def lane(self) -> _Lane:
+        """The lane the next batch comes from."""
+        return self.lanes[self.outputs % len(self.lanes)]
 
     def _setup(self) -> None:
         try:
@@ -103,13 +141,12 @@ class _Segment:
         except BaseException as e:  # re-raised by ready() in the consumer's thread
             self._error = e
             return
-        self.replay.append(first)
+        self.lanes[0].pending.append(first)
+        self._dealt = 1
         self.batch_size = len(first.arrays)
-        rank = int(getattr(self.loader.reader, "rank", 0))
         try:
-            self.pipe = self.loader._build(
-                self.batch_size, derive_seed(self.loader.seed, rank, *self.key), self.source
-            )
+            for lane in self.lanes:
+                lane.pipe = self.loader._build(self.batch_size, lane.seed(), lane.source)
         except BaseException as e:
             self._error = e
             return
@@ -117,15 +154,15 @@ class _Segment:
             # The first run fills DALI's prefetch queue (several batches of work): do it ahead too.
             # Its outputs stay valid until the pipeline runs again, which only the consumer does.
             try:
-                self._first = self.pipe.run()
+                self._first = self.lanes[0].pipe.run()
             except (StopIteration, RuntimeError) as e:  # replayed by run(), in the consumer's thread
                 self._first = e
 
     def run(self) -> Any:
-        """``pipe.run()``, or what the first run set up ahead returned or raised."""
+        """The next lane's ``pipe.run()``, or what the first run set up ahead returned or raised."""
         first, self._first = self._first, None
         if first is None:
-            return self.pipe.run()
+            return self.lane.pipe.run()
         if isinstance(first, BaseException):
             raise first
         return first
@@ -138,13 +175,14 @@ class _Segment:
             self._thread.join()
         if self._error is not None:
             raise self._error
-        return self.pipe is not None
+        return self.lanes[0].pipe is not None
 
     def close(self) -> None:
         self.feeder.stop()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self.pipe = None
+        for lane in self.lanes:
+            lane.pipe = None
 
 
 class _Feeder(threading.Thread):
@@ -309,8 +347,19 @@ class ViewLoader:
     ``device``: "cpu" or a CUDA device (DALI's GPU graph, "mixed" decoder). ``dtype``: float32,
     float16 (produced by DALI) or bfloat16 (converted from float32). ``channels_last``: NCHW tensors
     with channels-last strides (DALI writes HWC; no extra copy). ``prefetch``: raw batches queued
-    ahead by the reading thread and batches DALI processes ahead. ``tune_malloc``: apply
-    ``tune_process_malloc()`` (process-wide; on by default).
+    ahead by the reading thread and batches DALI processes ahead (per pipeline). ``tune_malloc``:
+    apply ``tune_process_malloc()`` (process-wide; on by default).
+
+    ``num_pipelines``: independent DALI pipelines sharing the ``num_threads`` threads, dealt the
+    batches round robin (batch ``j`` of a segment to pipeline ``j % P``, each seeded apart, outputs
+    in batch order). Default: on the CPU one single-threaded pipeline per thread, at most
+    ``MAX_CPU_PIPELINES``; on a GPU one. Why: DALI runs a pipeline's CPU operators one after another,
+    each split over its threads, so threads wait at the end of every operator for the slowest
+    sample; single-threaded pipelines never wait for each other. Measured side by side (relic
+    recipe, 2 threads, fixed JPEG batches, 4-5 alternating rounds): 2 pipelines x 1 thread 257-340
+    view pairs/s (median 314) against 1 x 2 threads 241-270 (median 252), and 5.8-6.2 against
+    6.5-7.0 CPU-ms per pair. Each pipeline holds its own buffers: peak RSS of the benchmark's loader
+    1.54 GB with 2 pipelines against 1.2 GB with one (``relic``).
     """
 
     def __init__(
@@ -327,6 +376,7 @@ class ViewLoader:
         timeout: float = 600.0,
         max_attempts: int = 3,
         tune_malloc: bool = True,
+        num_pipelines: int | None = None,
     ) -> None:
         if tune_malloc:
             tune_process_malloc()
@@ -341,6 +391,15 @@ class ViewLoader:
             raise ValueError(f"ViewLoader device: expected cpu or cuda, got {self.device}")
         self.seed = int(seed)
         self.num_threads = int(num_threads)
+        if num_threads < 1:
+            raise ValueError(f"ViewLoader num_threads: expected >= 1, got {num_threads}")
+        if num_pipelines is None:
+            num_pipelines = 1 if self.device.type == "cuda" else min(self.num_threads, MAX_CPU_PIPELINES)
+        if not 1 <= num_pipelines <= self.num_threads:
+            raise ValueError(
+                f"ViewLoader num_pipelines: expected 1..num_threads ({self.num_threads}), got {num_pipelines}"
+            )
+        self.num_pipelines = int(num_pipelines)
         self.dtype = dtype
         self.channels_last = bool(channels_last)
         self.prefetch = int(prefetch)
@@ -382,7 +441,7 @@ class ViewLoader:
             self.recipe,
             device=device,
             batch_size=batch_size,
-            num_threads=self.num_threads,
+            num_threads=self.num_threads // self.num_pipelines,
             seed=seed,
             device_id=device_id,
             source=source,
@@ -455,25 +514,25 @@ class ViewLoader:
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[ViewBatch]:
         """The views of ``reader.epoch(epoch, start_batch)``, one ``ViewBatch`` per raw batch."""
         segment = self._segment(epoch, start_batch)
-        rank = int(getattr(self.reader, "rank", 0))
         index = start_batch
         failures = 0
         try:
             if not segment.ready():
                 return  # an empty segment
             while True:
+                lane = segment.lane
                 try:
                     outputs = segment.run()
                 except StopIteration:
                     return
                 except RuntimeError as e:
-                    if not segment.inflight or segment.feeder.error is not None:
+                    if not lane.inflight or segment.feeder.error is not None:
                         raise  # nothing of ours in flight, or the reader itself failed
                     failures += 1
                     if failures > self.max_attempts:
                         raise RuntimeError(
                             f"ViewLoader: DALI failed {failures} times on batch {index} of epoch {epoch} "
-                            f"(keys {segment.inflight[0].keys[:4]}...) even after replacing undecodable samples"
+                            f"(keys {lane.inflight[0].keys[:4]}...) even after replacing undecodable samples"
                         ) from e
                     log.warning(
                         "ViewLoader: DALI failed on batch %d of epoch %d (%s); recovering",
@@ -481,19 +540,16 @@ class ViewLoader:
                         epoch,
                         _reason(e),
                     )
-                    lost = list(segment.inflight)
-                    segment.inflight.clear()
-                    segment.pipe = None
+                    lost = list(lane.inflight)
+                    lane.inflight.clear()
+                    lane.pipe = None
                     self._repair(lost, reencode=failures > 1)
-                    segment.replay.extendleft(reversed(lost))
+                    lane.replay.extendleft(reversed(lost))
                     self._counters["pipeline_rebuilds"] += 1
-                    segment.pipe = self._build(
-                        segment.batch_size,
-                        derive_seed(self.seed, rank, epoch, index, failures),
-                        segment.source,
-                    )
+                    lane.pipe = self._build(segment.batch_size, lane.seed(index, failures), lane.source)
                     continue
-                segment.inflight.popleft()
+                lane.inflight.popleft()
+                segment.outputs += 1
                 failures = 0
                 index += 1
                 if segment.feeder.read_all.is_set():

@@ -118,6 +118,36 @@ def test_same_seed_same_batches_and_epochs_differ(images):
     assert len(views(3, 0, start=3)) == 1
 
 
+@pytest.mark.parametrize("num_pipelines", [1, 2, 3])
+def test_pipelines_deal_batches_round_robin_in_order(images, num_pipelines):
+    """However many pipelines share the threads, batches come out in the reader's order, each once,
+    and the same seed gives the same views (the deal does not depend on thread timing)."""
+    reader = ListReader(images, batch_size=2)  # 12 batches
+
+    def run() -> list[ViewBatch]:
+        loader = ViewLoader(reader, preset("demo"), seed=5, num_threads=3, num_pipelines=num_pipelines)
+        assert loader.num_pipelines == num_pipelines
+        return list(loader.epoch(0, start_batch=1))
+
+    a, b = run(), run()
+    assert [x.labels.tolist() for x in a] == [[2 * j, 2 * j + 1] for j in range(1, 12)]
+    assert all(torch.equal(torch.cat(x.views, 1), torch.cat(y.views, 1)) for x, y in zip(a, b))
+    # pipelines are seeded apart: with one image everywhere, no two batches share their views
+    same = ListReader([images[0]] * len(images), batch_size=2)
+    loader = ViewLoader(same, preset("demo"), seed=5, num_threads=3, num_pipelines=num_pipelines)
+    crops = [x.views[0] for x in loader.epoch(0)]
+    assert not any(torch.equal(crops[i], crops[j]) for i in range(len(crops)) for j in range(i))
+
+
+def test_pipeline_count_defaults_and_limits(images):
+    reader = ListReader(images, batch_size=2)
+    assert ViewLoader(reader, preset("demo"), num_threads=2).num_pipelines == 2
+    assert ViewLoader(reader, preset("demo"), num_threads=1).num_pipelines == 1
+    assert ViewLoader(reader, preset("demo"), num_threads=16).num_pipelines == 4
+    with pytest.raises(ValueError, match="num_pipelines"):
+        ViewLoader(reader, preset("demo"), num_threads=2, num_pipelines=3)
+
+
 def test_undecodable_sample_is_replaced_and_counted(images, caplog):
     """Random bytes and a truncated JPEG slip past a non-validating reader; DALI raises on them; the
     loader rebuilds, replaces them by decodable samples of the same batch and counts them."""
