@@ -13,12 +13,14 @@ and ``dali_native`` run ``REPEATS`` times each in rotating order and the median 
 run each with ``--quick``); every run is in the JSON under ``runs``:
 
 - ``ours``: ``ShardReader`` (Python tar streaming, cheap JPEG validation) -> ``ViewLoader`` with
-  ``num_threads=2``: DALI CPU decoder and operators, views copied into torch tensors.
+  ``num_threads=2`` (by default two single-threaded DALI pipelines dealt the batches in turn): DALI
+  CPU decoder and operators, views copied into torch tensors.
 - ``torchvision``: ``pipeline.reference.reference_loader``: webdataset + Pillow + transforms v2 in a
   DataLoader with 2 workers.
 - ``dali_native``: ``fn.readers.webdataset`` over the same tars and ``.idx`` files feeding the same
-  graph (``pipeline.augment.views_graph``) with ``num_threads=2``, outputs copied into torch tensors
-  the same way.
+  graph (``pipeline.augment.views_graph``), its 2 threads split like ``ours``: one single-threaded
+  pipeline per thread, each reading its share of the shards (``shard_id``/``num_shards``), run in
+  turn; outputs copied into torch tensors the same way.
 - ``ours_4x``: ``ours`` on the 4x shard set (peak RSS only matters; it must not grow with shards).
 - ``reader``: ``ShardReader.epoch`` alone (shards -> batched JPEG bytes, no decode), one process.
 
@@ -101,7 +103,7 @@ def run_dali_native(shards: str) -> dict:
     import torch
 
     from pipeline.augment import build_pipeline, preset
-    from pipeline.loader import to_torch
+    from pipeline.loader import MAX_CPU_PIPELINES, to_torch
     from pipeline.shards.manifest import load_manifest
 
     cpu_start = cpu_seconds()
@@ -110,24 +112,38 @@ def run_dali_native(shards: str) -> dict:
     tars = [os.path.join(root, s.name) for s in manifest.shards]
     indexes = [os.path.join(root, s.index) for s in manifest.shards]
 
-    def inputs():
-        jpg, _ = fn.readers.webdataset(
-            paths=tars,
-            index_paths=indexes,
-            ext=["jpg", "json"],
-            missing_component_behavior="error",
-            name="wds",
-        )
-        return jpg, jpg.shape()  # no label in photos shards: a cheap stand-in output
+    def reader(k: int, count: int):
+        def inputs():
+            jpg, _ = fn.readers.webdataset(
+                paths=tars,
+                index_paths=indexes,
+                ext=["jpg", "json"],
+                missing_component_behavior="error",
+                shard_id=k,
+                num_shards=count,
+                name="wds",
+            )
+            return jpg, jpg.shape()  # no label in photos shards: a cheap stand-in output
 
+        return inputs
+
+    # The same split of the threads as ViewLoader's: one single-threaded pipeline per thread (at
+    # most MAX_CPU_PIPELINES), each reading its share of the shards, run in turn.
+    count = min(THREADS, MAX_CPU_PIPELINES)
     recipe = preset("relic")
-    pipe = build_pipeline(recipe, batch_size=BATCH, num_threads=THREADS, seed=0, inputs=inputs)
-    pipe.build()
-    iterations = math.ceil(pipe.epoch_size("wds") / BATCH)
+    pipes = [
+        build_pipeline(
+            recipe, batch_size=BATCH, num_threads=THREADS // count, seed=k, inputs=reader(k, count)
+        )
+        for k in range(count)
+    ]
+    for pipe in pipes:
+        pipe.build()
+    iterations = math.ceil(pipes[0].epoch_size("wds") / BATCH)
 
     def batches():
-        for _ in range(iterations):
-            out = pipe.run()
+        for i in range(iterations):
+            out = pipes[i % count].run()
             to_torch(out, device=torch.device("cpu"))  # the same DALI -> torch copy as ours
             yield None
 
