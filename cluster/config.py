@@ -82,7 +82,7 @@ class ViewsConfig:
     preset: Literal["relic", "relicv2", "demo"] = "relic"
     # Keyword overrides passed to the preset, e.g. {num_small: 4} for relicv2 or {size: 32}.
     options: dict[str, Any] = field(default_factory=dict)
-    # DALI CPU threads per worker.
+    # DALI CPU threads per worker (without a GPU they are shared out over at most 4 DALI pipelines).
     num_threads: int = 2
     # Batches prepared ahead of the training step.
     prefetch: int = 2

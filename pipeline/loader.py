@@ -146,7 +146,7 @@ class _Segment:
         self.batch_size = len(first.arrays)
         try:
             for lane in self.lanes:
-                lane.pipe = self.loader._build(self.batch_size, lane.seed(), lane.source)
+                lane.pipe = self.loader._build(self.batch_size, lane.seed(), lane.source, lane.index)
         except BaseException as e:
             self._error = e
             return
@@ -352,10 +352,11 @@ class ViewLoader:
 
     ``num_pipelines``: independent DALI pipelines sharing the ``num_threads`` threads, dealt the
     batches round robin (batch ``j`` of a segment to pipeline ``j % P``, each seeded apart, outputs
-    in batch order). Default: on the CPU one single-threaded pipeline per thread, at most
-    ``MAX_CPU_PIPELINES``; on a GPU one. Why: DALI runs a pipeline's CPU operators one after another,
-    each split over its threads, so threads wait at the end of every operator for the slowest
-    sample; single-threaded pipelines never wait for each other. Measured side by side (relic
+    in batch order; the threads shared out, the remainder to the first pipelines). Default: on the
+    CPU one single-threaded pipeline per thread, at most ``MAX_CPU_PIPELINES``; on a GPU one. Why:
+    DALI runs a pipeline's CPU operators one after another, each split over its threads, so threads
+    wait at the end of every operator for the slowest sample; single-threaded pipelines never wait
+    for each other. Measured side by side (relic
     recipe, 2 threads, fixed JPEG batches, 4-5 alternating rounds): 2 pipelines x 1 thread 257-340
     view pairs/s (median 314) against 1 x 2 threads 241-270 (median 252), and 5.8-6.2 against
     6.5-7.0 CPU-ms per pair. Each pipeline holds its own buffers: peak RSS of the benchmark's loader
@@ -435,13 +436,18 @@ class ViewLoader:
             return "gpu", index
         return "cpu", None
 
-    def _build(self, batch_size: int, seed: int, source: Any):
+    def _threads(self, lane: int) -> int:
+        """DALI threads of pipeline ``lane``: ``num_threads`` shared out, the remainder to the first."""
+        share, extra = divmod(self.num_threads, self.num_pipelines)
+        return share + (lane < extra)
+
+    def _build(self, batch_size: int, seed: int, source: Any, lane: int = 0):
         device, device_id = self._dali_device()
         pipe = build_pipeline(
             self.recipe,
             device=device,
             batch_size=batch_size,
-            num_threads=self.num_threads // self.num_pipelines,
+            num_threads=self._threads(lane),
             seed=seed,
             device_id=device_id,
             source=source,
@@ -546,7 +552,9 @@ class ViewLoader:
                     self._repair(lost, reencode=failures > 1)
                     lane.replay.extendleft(reversed(lost))
                     self._counters["pipeline_rebuilds"] += 1
-                    lane.pipe = self._build(segment.batch_size, lane.seed(index, failures), lane.source)
+                    lane.pipe = self._build(
+                        segment.batch_size, lane.seed(index, failures), lane.source, lane.index
+                    )
                     continue
                 lane.inflight.popleft()
                 segment.outputs += 1

@@ -143,7 +143,8 @@ def test_pipeline_count_defaults_and_limits(images):
     reader = ListReader(images, batch_size=2)
     assert ViewLoader(reader, preset("demo"), num_threads=2).num_pipelines == 2
     assert ViewLoader(reader, preset("demo"), num_threads=1).num_pipelines == 1
-    assert ViewLoader(reader, preset("demo"), num_threads=16).num_pipelines == 4
+    ten = ViewLoader(reader, preset("demo"), num_threads=10)
+    assert ten.num_pipelines == 4 and [ten._threads(k) for k in range(4)] == [3, 3, 2, 2]
     with pytest.raises(ValueError, match="num_pipelines"):
         ViewLoader(reader, preset("demo"), num_threads=2, num_pipelines=3)
 
