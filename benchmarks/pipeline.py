@@ -25,9 +25,10 @@ run each with ``--quick``); every run is in the JSON under ``runs``:
 - ``reader``: ``ShardReader.epoch`` alone (shards -> batched JPEG bytes, no decode), one process.
 
 Peak RSS: our loader's RSS rises over its first ~10 batches (DALI's operator buffers growing to the
-largest images seen, the allocator's working set) and then stays flat (1,018 MB after batch 1,
-1,177 after 10, 1,191 after 61, measured once on the 1x set); 2,000 photos (62 batches) put the 1x
-run well past that warm-up, so ``rss_growth_4x`` compares steady states.
+largest images seen, the allocator's working set), then by a few percent more until ~50 (with the
+default two pipelines, measured once on the 1x set: 1,271 MB after batch 1, 1,449 after 10, 1,502
+after 50 and after 61); 2,000 photos (62 batches) put the 1x run past that warm-up, so
+``rss_growth_4x`` compares steady states.
 ``peak_rss_mb`` is the contender process's high-water mark (or its largest child's);
 ``tree_peak_rss_mb`` is the peak of the summed RSS of the process and its children, sampled every
 20 ms by ``measure_child`` (DataLoader workers are separate processes, DALI threads are not).
