@@ -104,7 +104,7 @@ def run_dali_native(shards: str) -> dict:
     import torch
 
     from pipeline.augment import build_pipeline, preset
-    from pipeline.loader import MAX_CPU_PIPELINES, to_torch
+    from pipeline.loader import pipeline_threads, to_torch
     from pipeline.shards.manifest import load_manifest
 
     cpu_start = cpu_seconds()
@@ -128,14 +128,13 @@ def run_dali_native(shards: str) -> dict:
 
         return inputs
 
-    # The same split of the threads as ViewLoader's: one single-threaded pipeline per thread (at
-    # most MAX_CPU_PIPELINES), each reading its share of the shards, run in turn.
-    count = min(THREADS, MAX_CPU_PIPELINES)
+    # The same split of the threads as ViewLoader's (one single-threaded pipeline per thread), each
+    # pipeline reading its share of the shards, run in turn.
+    threads = pipeline_threads(THREADS)
+    count = len(threads)
     recipe = preset("relic")
     pipes = [
-        build_pipeline(
-            recipe, batch_size=BATCH, num_threads=THREADS // count, seed=k, inputs=reader(k, count)
-        )
+        build_pipeline(recipe, batch_size=BATCH, num_threads=threads[k], seed=k, inputs=reader(k, count))
         for k in range(count)
     ]
     for pipe in pipes:

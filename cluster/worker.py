@@ -598,7 +598,7 @@ def _report(
         session.report(metrics, at_segment_end=at_segment_end)
         return
     if rank != 0:
-        session.report(metrics, None, name, at_segment_end=True)
+        session.report(metrics, None, name)  # a checkpoint is always at a segment end
         return
     if tensorboard is not None:
         tensorboard.sync()
@@ -615,4 +615,4 @@ def _report(
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
-    session.report(metrics, directory, name, at_segment_end=True)
+    session.report(metrics, directory, name)

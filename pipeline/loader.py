@@ -50,6 +50,21 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CPU_PIPELINES = 4
 
 
+def pipeline_threads(num_threads: int, num_pipelines: int | None = None) -> list[int]:
+    """DALI threads of each pipeline: ``num_threads`` shared out over ``num_pipelines`` (default: one
+    per thread, at most ``MAX_CPU_PIPELINES``), the remainder to the first ones."""
+    if num_threads < 1:
+        raise ValueError(f"ViewLoader num_threads: expected >= 1, got {num_threads}")
+    if num_pipelines is None:
+        num_pipelines = min(num_threads, MAX_CPU_PIPELINES)
+    if not 1 <= num_pipelines <= num_threads:
+        raise ValueError(
+            f"ViewLoader num_pipelines: expected 1..num_threads ({num_threads}), got {num_pipelines}"
+        )
+    share, extra = divmod(num_threads, num_pipelines)
+    return [share + (k < extra) for k in range(num_pipelines)]
+
+
 @dataclass
 class ViewBatch:
     """``views[v]``: ``[B, 3, H_v, W_v]`` on the training device; the first ``num_large`` are the large
@@ -158,11 +173,12 @@ class _Segment:
             except (StopIteration, RuntimeError) as e:  # replayed by run(), in the consumer's thread
                 self._first = e
 
-    def run(self) -> Any:
-        """The next lane's ``pipe.run()``, or what the first run set up ahead returned or raised."""
+    def run(self, lane: _Lane) -> Any:
+        """``lane.pipe.run()`` (``lane``: ``self.lane``), or what the first run set up ahead returned
+        or raised."""
         first, self._first = self._first, None
         if first is None:
-            return self.lane.pipe.run()
+            return lane.pipe.run()
         if isinstance(first, BaseException):
             raise first
         return first
@@ -392,15 +408,11 @@ class ViewLoader:
             raise ValueError(f"ViewLoader device: expected cpu or cuda, got {self.device}")
         self.seed = int(seed)
         self.num_threads = int(num_threads)
-        if num_threads < 1:
-            raise ValueError(f"ViewLoader num_threads: expected >= 1, got {num_threads}")
-        if num_pipelines is None:
-            num_pipelines = 1 if self.device.type == "cuda" else min(self.num_threads, MAX_CPU_PIPELINES)
-        if not 1 <= num_pipelines <= self.num_threads:
-            raise ValueError(
-                f"ViewLoader num_pipelines: expected 1..num_threads ({self.num_threads}), got {num_pipelines}"
-            )
-        self.num_pipelines = int(num_pipelines)
+        if num_pipelines is None and self.device.type == "cuda":
+            num_pipelines = 1
+        self.threads = pipeline_threads(self.num_threads, num_pipelines)
+        """DALI threads of each pipeline (``pipeline_threads``)."""
+        self.num_pipelines = len(self.threads)
         self.dtype = dtype
         self.channels_last = bool(channels_last)
         self.prefetch = int(prefetch)
@@ -436,18 +448,13 @@ class ViewLoader:
             return "gpu", index
         return "cpu", None
 
-    def _threads(self, lane: int) -> int:
-        """DALI threads of pipeline ``lane``: ``num_threads`` shared out, the remainder to the first."""
-        share, extra = divmod(self.num_threads, self.num_pipelines)
-        return share + (lane < extra)
-
     def _build(self, batch_size: int, seed: int, source: Any, lane: int = 0):
         device, device_id = self._dali_device()
         pipe = build_pipeline(
             self.recipe,
             device=device,
             batch_size=batch_size,
-            num_threads=self._threads(lane),
+            num_threads=self.threads[lane],
             seed=seed,
             device_id=device_id,
             source=source,
@@ -528,7 +535,7 @@ class ViewLoader:
             while True:
                 lane = segment.lane
                 try:
-                    outputs = segment.run()
+                    outputs = segment.run(lane)
                 except StopIteration:
                     return
                 except RuntimeError as e:

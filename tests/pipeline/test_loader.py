@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pipeline.augment import preset
-from pipeline.loader import ViewBatch, ViewLoader
+from pipeline.loader import ViewBatch, ViewLoader, pipeline_threads
 
 
 def jpeg(rng: np.random.Generator, h: int, w: int) -> bytes:
@@ -144,9 +144,12 @@ def test_pipeline_count_defaults_and_limits(images):
     assert ViewLoader(reader, preset("demo"), num_threads=2).num_pipelines == 2
     assert ViewLoader(reader, preset("demo"), num_threads=1).num_pipelines == 1
     ten = ViewLoader(reader, preset("demo"), num_threads=10)
-    assert ten.num_pipelines == 4 and [ten._threads(k) for k in range(4)] == [3, 3, 2, 2]
+    assert ten.num_pipelines == 4 and ten.threads == [3, 3, 2, 2] == pipeline_threads(10)
+    assert pipeline_threads(5, 2) == [3, 2] and pipeline_threads(3, 1) == [3]
     with pytest.raises(ValueError, match="num_pipelines"):
         ViewLoader(reader, preset("demo"), num_threads=2, num_pipelines=3)
+    with pytest.raises(ValueError, match="num_threads"):
+        ViewLoader(reader, preset("demo"), num_threads=0)
 
 
 def test_undecodable_sample_is_replaced_and_counted(images, caplog):
