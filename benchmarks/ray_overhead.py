@@ -12,45 +12,54 @@ Contenders, each in a fresh process, on shards built from ``builtin:digits`` (tr
 Both use ``configs/demo.yaml`` with ``scaling.num_workers=1`` (global batch 128 on one worker), kNN
 monitor off, the same seed and number of epochs, reports every ``run.report_every`` steps as in the
 demo, and a checkpoint every ``CHECKPOINT_EVERY_EPOCHS`` epochs — more often than the demo's cadence,
-so that several checkpoints (written, uploaded by Ray in the background, committed) fall inside the
-measured window. Steps/s is measured by a hook inside the loop from the end of the first epoch
-(warm: DALI pipeline built, allocator warm) to the last step, so it includes everything the loop does
-per step, reports and checkpoints included, and excludes process and Ray start-up.
+so that many checkpoints (written, uploaded by Ray in the background, committed) fall inside the
+measured windows. A hook inside the loop timestamps every step, so a step's time includes everything
+the loop does for it, reports and checkpoints included; steps of the first epoch (DALI pipeline
+being built, allocator cold) and process and Ray start-up are not measured.
+
+How the two are compared: interleaved, not one after the other. On this 2-core VM the host's speed
+drifts by 10-40% over seconds (the same direct run measured 4.99 to 6.87 steps/s in five runs of one
+session), so runs one after the other disagreed: five back-to-back direct/ray pairs gave a median
+ratio of 0.913 in one session and 1.004 in the next, on the same code. So both contenders start
+together and take turns (``benchmarks.common.run_interleaved``): in each ``WINDOW_S``-second window
+one runs while the other's whole process tree (for ``ray``: driver, GCS, raylet and every worker) is
+frozen with SIGSTOP. Adjacent windows see the same host. A step counts for its contender if it began
+and ended inside one of the contender's windows; steps/s is the number of counted steps over their
+summed time. Each contender first starts alone (the other frozen) until its first step, so that
+Ray's slower start-up leaves no window unpaired. ``ROUNDS`` rounds alternate which contender starts. A control round runs ``direct``
+against ``direct``: its ratio (ideally 1) is the method's own error on this machine.
 
 What Ray Train costs per report: ``ray.train.report`` is a barrier across ranks on Ray's
 synchronisation actor (about 5 ms here), it blocks while the previous report is unread, and the
 controller reads reports when it polls the workers (Ray's default: every 2 s; ``fit`` sets
 ``cluster.trainer.CONTROLLER_POLL_S`` unless the user chose one). So the loop sends the metrics of
 every report to the driver's sink actor directly and calls ``ray.train.report`` at segment ends only
-(``cluster.worker``); rank 0 waits for a checkpoint's commit before its next report.
+(``cluster.worker``); rank 0 waits for a checkpoint's commit before its next report. What remains is
+Ray's own processes (about 14 for one Train worker, each waking about 100 times a second) sharing the
+two cores with the training thread: ``off-CPU ms/step`` (wall time per step minus the training
+thread's CPU time) shows it.
 
-``demo``: ``configs/demo.yaml`` as the demo runs it (2 Ray workers, kNN monitor on): the fraction of
-step time spent waiting for data, as the workers report it, averaged over the reports after the first
-epoch.
+``demo``: ``configs/demo.yaml`` as the demo runs it (2 Ray workers, kNN monitor on), alone: the
+fraction of step time spent waiting for data, as the workers report it, averaged over the reports
+after the first epoch.
 
-Headline (DESIGN.md): ``ray_vs_direct`` = ray steps/s / direct steps/s (target >= 0.95, i.e. Ray Train
-costs at most 5%), ``data_wait_fraction`` = the demo's warm data-wait fraction (target <= 0.05). On a
-machine shared with other work, run it when the machine is otherwise idle. Run-to-run noise on this
-2-core machine is about ±5 to 10% for either contender (the same direct run measured 5.3 to 7.2 steps/s
-within one session), as large as the effect, so the contenders run in ``PAIRS`` back-to-back pairs
-(direct-ray, ray-direct, ...; one pair with ``--quick``) and ``ray_vs_direct`` is the median of the
-per-pair ratios; every run is in the JSON. ``off-CPU ms/step`` (wall time per step minus
-the training thread's CPU time) attributes the difference: it is where waiting for a report, for data
-or for a CPU taken by Ray's own processes shows up.
+Headline (DESIGN.md): ``ray_vs_direct`` = ray steps/s / direct steps/s over the counted steps of all
+rounds (target >= 0.95, i.e. Ray Train costs at most 5%), ``data_wait_fraction`` = the demo's warm
+data-wait fraction (target <= 0.05). Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import measure_child, median_run, parser, print_table, write_results
+from benchmarks.common import measure_child, parser, print_table, run_interleaved, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -58,8 +67,10 @@ CHECKPOINT_EVERY_EPOCHS = 2
 #: How often the parent samples the contender's process tree for its RSS: every 20 ms (the default)
 #: across a Ray instance's ~15 processes cost the parent ~10% of a core, taken from the contender.
 RSS_INTERVAL_S = 0.5
-#: Direct/ray pairs run (the headline is the median of the per-pair ratios).
-PAIRS = 5
+#: Seconds each contender runs while the other is frozen.
+WINDOW_S = 3.0
+#: Interleaved direct/ray rounds (alternating which starts), before the direct/direct control round.
+ROUNDS = 2
 
 
 class StepTimer:
@@ -96,20 +107,24 @@ def _config(
     return load_config(DEMO, overrides)
 
 
-def _steps_per_s(path: str, warm_step: int) -> tuple[float, int, float]:
-    """Steps/s from ``warm_step`` on, the number of steps measured, and the mean wall time per step
-    that the training thread spent off the CPU (waiting: for data, for a report, for the scheduler)."""
+def _window_steps(
+    path: str, windows: list[tuple[float, float]], warm_step: int
+) -> list[list[tuple[float, float]]]:
+    """Per window: (wall, CPU) seconds of each step from ``warm_step`` on that began and ended inside it.
+    A step's interval runs from the previous step's timestamp to its own; CPU is the training thread's."""
     rows = [line.split() for line in Path(path).read_text().splitlines()]
-    times = {int(step): (float(t), float(cpu)) for step, t, cpu in rows}
-    steps = sorted(s for s in times if s >= warm_step)
-    if len(steps) < 2:
-        raise RuntimeError(f"too few steps after warm-up step {warm_step}: {steps}")
-    (t0, c0), (t1, c1) = times[steps[0]], times[steps[-1]]
-    n = steps[-1] - steps[0]
-    return n / (t1 - t0), len(steps) - 1, ((t1 - t0) - (c1 - c0)) / n
+    marks = [(int(step), float(t), float(cpu)) for step, t, cpu in rows]
+    return [
+        [
+            (t1 - t0, c1 - c0)
+            for (s0, t0, c0), (_, t1, c1) in itertools.pairwise(marks)
+            if s0 >= warm_step and start <= t0 and t1 <= end
+        ]
+        for start, end in windows
+    ]
 
 
-def run_direct(shards: str, epochs: int) -> dict:
+def run_direct(shards: str, epochs: int, timer: str) -> dict:
     # Ray starts a worker with OMP_NUM_THREADS = its CPUs (1); give the direct process the same
     # thread budget before torch/numpy load their thread pools.
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -120,7 +135,6 @@ def run_direct(shards: str, epochs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="relic-bench-") as tmp:
         cfg = _config(shards, tmp, "direct", epochs, workers=1, knn=False)
         facts = preflight(cfg)
-        timer = os.path.join(tmp, "steps.txt")
         storage = RunStorage.from_url(tmp)
         loop_config = make_loop_config(cfg, storage, hooks=[StepTimer(timer)], sha="benchmark")
         session = LocalSession(storage.run_url(cfg.run.name))
@@ -128,18 +142,15 @@ def run_direct(shards: str, epochs: int) -> dict:
         t0 = time.perf_counter()
         run_loop(loop_config, session)
         wall = time.perf_counter() - t0
-        rate, measured, off_cpu = _steps_per_s(timer, facts["steps_per_epoch"])
         waits = [r["data_wait_fraction"] for r in session.reports if r["epoch"] >= 1]
     return {
-        "steps_per_s": rate,
-        "steps_measured": measured,
-        "off_cpu_ms_per_step": 1000 * off_cpu,
+        "warm_step": facts["steps_per_epoch"],
         "wall_s": wall,
         "data_wait_fraction": sum(waits) / len(waits),
     }
 
 
-def run_ray(shards: str, epochs: int) -> dict:
+def run_ray(shards: str, epochs: int, timer: str) -> dict:
     from ray import cloudpickle
 
     from cluster.trainer import fit, preflight, ray_session
@@ -148,17 +159,13 @@ def run_ray(shards: str, epochs: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="relic-bench-") as tmp:
         cfg = _config(shards, tmp, "ray", epochs, workers=1, knn=False)
         facts = preflight(cfg)
-        timer = os.path.join(tmp, "steps.txt")
         with ray_session(num_cpus=2):
             t0 = time.perf_counter()
             result = fit(cfg, progress=False, hooks=[StepTimer(timer)])
             wall = time.perf_counter() - t0
-        rate, measured, off_cpu = _steps_per_s(timer, facts["steps_per_epoch"])
         waits = [m["data_wait_fraction"] for m in result.metrics if m["epoch"] >= 1]
     return {
-        "steps_per_s": rate,
-        "steps_measured": measured,
-        "off_cpu_ms_per_step": 1000 * off_cpu,
+        "warm_step": facts["steps_per_epoch"],
         "wall_s": wall,
         "data_wait_fraction": sum(waits) / len(waits),
     }
@@ -186,64 +193,103 @@ def run_demo(shards: str, epochs: int) -> dict:
     }
 
 
+RUNNERS = {"direct": run_direct, "ray": run_ray}
+
+
+def interleaved_round(shards: str, epochs: int, contenders: list[tuple[str, str]]) -> dict[str, dict]:
+    """One round: the ``(label, kind)`` contenders run interleaved (``run_interleaved``), the first
+    label first. Per label: its result plus ``steps_per_s``, ``steps_measured``, ``measured_s``,
+    ``off_cpu_ms_per_step`` over its counted steps, and ``windows``."""
+    with tempfile.TemporaryDirectory(prefix="relic-bench-steps-") as tmp:
+        timers = {label: os.path.join(tmp, f"steps-{i}.txt") for i, (label, _) in enumerate(contenders)}
+        results, windows = run_interleaved(
+            {label: (RUNNERS[kind], (shards, epochs, timers[label])) for label, kind in contenders},
+            window_s=WINDOW_S,
+            # started: its first step is timed (process, Ray and DALI pipeline up)
+            ready=lambda label: os.path.exists(timers[label]) and os.path.getsize(timers[label]) > 0,
+        )
+        out = {}
+        for label, _ in contenders:
+            steps = [
+                x
+                for w in _window_steps(timers[label], windows[label], results[label]["warm_step"])
+                for x in w
+            ]
+            if not steps:
+                raise RuntimeError(f"{label}: no step fell inside its {len(windows[label])} windows")
+            wall, cpu = sum(w for w, _ in steps), sum(c for _, c in steps)
+            out[label] = {
+                **results[label],
+                "steps_per_s": len(steps) / wall,
+                "steps_measured": len(steps),
+                "measured_s": wall,
+                "off_cpu_ms_per_step": 1000 * (wall - cpu) / len(steps),
+                "windows": len(windows[label]),
+            }
+    return out
+
+
+def _pooled(runs: list[dict]) -> float:
+    """Steps/s over the counted steps of several runs together."""
+    return sum(r["steps_measured"] for r in runs) / sum(r["measured_s"] for r in runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser("ray_overhead", __doc__).parse_args(argv)
-    epochs, pairs = (5, 1) if args.quick else (12, PAIRS)
+    epochs, rounds = (20, 1) if args.quick else (40, ROUNDS)
     from pipeline.shards.build import build_shards
 
     with tempfile.TemporaryDirectory(prefix="relic-bench-shards-") as tmp:
         shards = os.path.join(tmp, "train")
         build_shards("builtin:digits?split=train", shards, max_samples=256, index=True, progress=False)
-        runs: dict[str, list[dict]] = {"direct": [], "ray": []}
-        # Pairs run back to back, alternating which goes first (direct-ray, ray-direct, ...): a
-        # load trend on the shared machine affects both members of a pair alike.
-        for i in range(pairs):
-            for name in ("direct", "ray") if i % 2 == 0 else ("ray", "direct"):
-                fn = run_direct if name == "direct" else run_ray
-                runs[name].append(measure_child(fn, shards, epochs, rss_interval=RSS_INTERVAL_S))
+        orders = [[("direct", "direct"), ("ray", "ray")], [("ray", "ray"), ("direct", "direct")]]
+        measured = [interleaved_round(shards, epochs, orders[i % 2]) for i in range(rounds)]
+        control = interleaved_round(shards, epochs, [("direct A", "direct"), ("direct B", "direct")])
         demo = measure_child(run_demo, shards, epochs, rss_interval=RSS_INTERVAL_S)
 
-    pair_ratios = [r["steps_per_s"] / d["steps_per_s"] for r, d in zip(runs["ray"], runs["direct"])]
-    ratio = statistics.median(pair_ratios)
-    med = {name: median_run(r, "steps_per_s") for name, r in runs.items()}
+    ratio = _pooled([r["ray"] for r in measured]) / _pooled([r["direct"] for r in measured])
+    round_ratios = [r["ray"]["steps_per_s"] / r["direct"]["steps_per_s"] for r in measured]
+    control_ratio = control["direct B"]["steps_per_s"] / control["direct A"]["steps_per_s"]
     rows = [
-        {
-            "contender": name,
-            "steps/s": m["steps_per_s"],
-            "steps": m["steps_measured"],
-            "off-CPU ms/step": m["off_cpu_ms_per_step"],
-            "wait": m["data_wait_fraction"],
-            "peak RSS MB": m["peak_rss_mb"],
-            "all runs steps/s": ", ".join(f"{r['steps_per_s']:.3f}" for r in runs[name]),
-        }
-        for name, m in med.items()
+        {"round": f"{i + 1} ({' first, '.join(r)} second)", "contender": label, **m}
+        for i, r in enumerate([*measured, control])
+        for label, m in r.items()
     ]
-    rows.append(
-        {
-            "contender": "demo (2 workers)",
-            "wait": demo["data_wait_fraction"],
-            "peak RSS MB": demo["peak_rss_mb"],
-        }
-    )
     print_table(
         rows,
-        ["contender", "steps/s", "steps", "off-CPU ms/step", "wait", "peak RSS MB", "all runs steps/s"],
-        title=f"Ray Train overhead: demo config, 1 worker, {epochs} epochs (warm steps after epoch 1; "
-        f"median run of {pairs} each)",
+        [
+            "round",
+            "contender",
+            "steps_per_s",
+            "steps_measured",
+            "windows",
+            "off_cpu_ms_per_step",
+            "data_wait_fraction",
+        ],
+        title=f"Ray Train overhead: demo config, 1 worker, {epochs} epochs, interleaved in {WINDOW_S:g}-s windows "
+        f"(warm steps after epoch 1)",
     )
     print(
-        f"\nray / direct per pair: {', '.join(f'{x:.3f}' for x in pair_ratios)}"
-        f"\nray_vs_direct = {ratio:.3f} (median pair)   "
-        f"data_wait_fraction (demo, warm) = {demo['data_wait_fraction']:.3f}"
+        f"\nray / direct per round: {', '.join(f'{x:.3f}' for x in round_ratios)}"
+        f"\ncontrol (direct B / direct A, ideally 1): {control_ratio:.3f}"
+        f"\nray_vs_direct = {ratio:.3f} (all rounds' counted steps)   "
+        f"data_wait_fraction (demo, 2 workers, warm) = {demo['data_wait_fraction']:.3f}"
     )
     write_results(
         args.out,
         {"ray_vs_direct": ratio, "data_wait_fraction": demo["data_wait_fraction"]},
-        {"direct": runs["direct"], "ray": runs["ray"], "pair_ratios": pair_ratios, "demo": demo},
+        {
+            "rounds": measured,
+            "round_ratios": round_ratios,
+            "control": control,
+            "control_ratio": control_ratio,
+            "demo": demo,
+        },
         config={
             "config": str(DEMO.relative_to(REPO)),
             "epochs": epochs,
-            "pairs": pairs,
+            "rounds": rounds,
+            "window_s": WINDOW_S,
             "quick": args.quick,
         },
     )
