@@ -198,8 +198,8 @@ RUNNERS = {"direct": run_direct, "ray": run_ray}
 
 def interleaved_round(shards: str, epochs: int, contenders: list[tuple[str, str]]) -> dict[str, dict]:
     """One round: the ``(label, kind)`` contenders run interleaved (``run_interleaved``), the first
-    label first. Per label: its result plus ``steps_per_s``, ``steps_measured``, ``measured_s``,
-    ``off_cpu_ms_per_step`` over its counted steps, and ``windows``."""
+    label first. Per label: its result plus ``steps_per_s``, ``steps_measured``, ``measured_s``, the
+    training thread's ``cpu_ms_per_step`` and ``off_cpu_ms_per_step`` over its counted steps, and ``windows``."""
     with tempfile.TemporaryDirectory(prefix="relic-bench-steps-") as tmp:
         timers = {label: os.path.join(tmp, f"steps-{i}.txt") for i, (label, _) in enumerate(contenders)}
         results, windows = run_interleaved(
@@ -223,6 +223,7 @@ def interleaved_round(shards: str, epochs: int, contenders: list[tuple[str, str]
                 "steps_per_s": len(steps) / wall,
                 "steps_measured": len(steps),
                 "measured_s": wall,
+                "cpu_ms_per_step": 1000 * cpu / len(steps),
                 "off_cpu_ms_per_step": 1000 * (wall - cpu) / len(steps),
                 "windows": len(windows[label]),
             }
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps_per_s",
             "steps_measured",
             "windows",
+            "cpu_ms_per_step",
             "off_cpu_ms_per_step",
             "data_wait_fraction",
         ],
