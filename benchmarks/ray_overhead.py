@@ -26,8 +26,9 @@ one runs while the other's whole process tree (for ``ray``: driver, GCS, raylet 
 frozen with SIGSTOP. Adjacent windows see the same host. A step counts for its contender if it began
 and ended inside one of the contender's windows; steps/s is the number of counted steps over their
 summed time. Each contender first starts alone (the other frozen) until its first step, so that
-Ray's slower start-up leaves no window unpaired. ``ROUNDS`` rounds alternate which contender starts. A control round runs ``direct``
-against ``direct``: its ratio (ideally 1) is the method's own error on this machine.
+Ray's slower start-up leaves no window unpaired. ``ROUNDS`` rounds alternate which contender starts.
+A control round runs ``direct`` against ``direct``: its ratio (ideally 1) is the method's own error
+on this machine.
 
 What Ray Train costs per report: ``ray.train.report`` is a barrier across ranks on Ray's
 synchronisation actor (about 5 ms here), it blocks while the previous report is unread, and the
@@ -35,9 +36,11 @@ controller reads reports when it polls the workers (Ray's default: every 2 s; ``
 ``cluster.trainer.CONTROLLER_POLL_S`` unless the user chose one). So the loop sends the metrics of
 every report to the driver's sink actor directly and calls ``ray.train.report`` at segment ends only
 (``cluster.worker``); rank 0 waits for a checkpoint's commit before its next report. What remains is
-Ray's own processes (about 14 for one Train worker, each waking about 100 times a second) sharing the
-two cores with the training thread: ``off-CPU ms/step`` (wall time per step minus the training
-thread's CPU time) shows it.
+Ray's own processes sharing the two cores with the training thread: about 14 for one Train worker,
+8 of them Python workers (Train's controller, synchronisation, placement-group, dataset and
+autoscaling actors, the report sink, an idle worker, the Train worker) whose main thread wakes about
+100 times a second. ``off-CPU ms/step`` (wall time per step minus the training thread's CPU time)
+shows it.
 
 ``demo``: ``configs/demo.yaml`` as the demo runs it (2 Ray workers, kNN monitor on), alone: the
 fraction of step time spent waiting for data, as the workers report it, averaged over the reports
@@ -199,7 +202,8 @@ RUNNERS = {"direct": run_direct, "ray": run_ray}
 def interleaved_round(shards: str, epochs: int, contenders: list[tuple[str, str]]) -> dict[str, dict]:
     """One round: the ``(label, kind)`` contenders run interleaved (``run_interleaved``), the first
     label first. Per label: its result plus ``steps_per_s``, ``steps_measured``, ``measured_s``, the
-    training thread's ``cpu_ms_per_step`` and ``off_cpu_ms_per_step`` over its counted steps, and ``windows``."""
+    training thread's ``cpu_ms_per_step`` and ``off_cpu_ms_per_step`` over its counted steps, and
+    ``windows``."""
     with tempfile.TemporaryDirectory(prefix="relic-bench-steps-") as tmp:
         timers = {label: os.path.join(tmp, f"steps-{i}.txt") for i, (label, _) in enumerate(contenders)}
         results, windows = run_interleaved(
