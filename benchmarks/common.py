@@ -59,9 +59,17 @@ def _named_child(name: str, fn: Callable[..., dict], args: tuple, queue: mp.Queu
         queue.put((name, "error", f"{type(e).__name__}: {e}"))
 
 
+def _tree(proc: psutil.Process) -> list[psutil.Process]:
+    """``proc`` and all its descendants; none once it has exited."""
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
 def _tree_rss_bytes(proc: psutil.Process) -> int:
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    for p in _tree(proc):
         with contextlib.suppress(psutil.Error):  # a worker that just exited
             total += p.memory_info().rss
     return total
@@ -100,13 +108,6 @@ def measure_child(
     if status != "ok":
         raise RuntimeError(f"benchmark contender {name} failed: {payload}")
     return {**payload, "tree_peak_rss_mb": peak / 2**20}
-
-
-def _tree(proc: psutil.Process) -> list[psutil.Process]:
-    try:
-        return [proc, *proc.children(recursive=True)]
-    except psutil.Error:  # the process has exited
-        return []
 
 
 def _signal_tree(proc: psutil.Process, stop: bool) -> None:
