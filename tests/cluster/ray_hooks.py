@@ -65,13 +65,23 @@ class Recorder:
 
 class KillOnce:
     """SIGKILL this worker process after ``step`` on ``rank`` — only while ``marker`` does not exist,
-    so the restarted attempt runs through."""
+    so the restarted attempt runs through. ``after_commit``: first wait until Ray Train has committed
+    every checkpoint this worker reported, so the test knows which checkpoint the restart must use
+    (the loop itself only waits for a commit at its next segment end)."""
 
-    def __init__(self, step: int, marker: str | os.PathLike, rank: int = 0) -> None:
-        self.step, self.marker, self.rank = step, str(marker), rank
+    def __init__(
+        self, step: int, marker: str | os.PathLike, rank: int = 0, *, after_commit: bool = False
+    ) -> None:
+        self.step, self.marker, self.rank, self.after_commit = step, str(marker), rank, after_commit
 
     def on_step(self, info) -> None:
         if info.rank == self.rank and info.step == self.step and not os.path.exists(self.marker):
+            if self.after_commit:
+                import ray.train
+
+                ray.train.get_all_reported_checkpoints(
+                    consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
+                )
             Path(self.marker).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
 

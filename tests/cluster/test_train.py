@@ -142,8 +142,8 @@ def s3_run_root(s3_server):
 
 @pytest.fixture(scope="module")
 def killed_run(ray_local, digits_shards, s3_run_root, tmp_path_factory):
-    """The reference config with checkpoints on S3, rank 0 SIGKILLed right after step 7 (the last
-    checkpoint is step 4, committed by the report at step 6) on the first attempt only."""
+    """The reference config with checkpoints on S3, rank 0 SIGKILLed right after step 7, once the
+    checkpoint at step 4 is committed, on the first attempt only."""
     from cluster.trainer import fit
 
     storage, options, creds = s3_run_root
@@ -151,7 +151,7 @@ def killed_run(ray_local, digits_shards, s3_run_root, tmp_path_factory):
     records = root / "records"
     records.mkdir()
     lines: list[str] = []
-    kill = ray_hooks.KillOnce(step=7, marker=root / "killed", rank=0)
+    kill = ray_hooks.KillOnce(step=7, marker=root / "killed", rank=0, after_commit=True)
     cfg = tiny(digits_shards, storage, f"run.endpoint_url={options['endpoint_url']}", "run.name=killed")
     result = fit(cfg, progress=lines.append, worker_env=creds, hooks=[kill, ray_hooks.Recorder(records)])
     return result, ray_hooks.read_records(records), lines, root
