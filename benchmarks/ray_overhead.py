@@ -28,14 +28,20 @@ and ended inside one of the contender's windows; steps/s is the number of counte
 summed time. Each contender first starts alone (the other frozen) until its first step, so that
 Ray's slower start-up leaves no window unpaired. ``ROUNDS`` rounds alternate which contender starts.
 A control round runs ``direct`` against ``direct``: its ratio (ideally 1) is the method's own error
-on this machine.
+on this machine. Even interleaved, one round's ratio scatters by about ±3% here (control rounds
+gave 0.951 to 1.016, and three rounds of two nearly identical Ray contenders 0.992 to 1.072): the
+vCPUs' speed swings by up to 60% within a second. Hence several rounds, the headline over all of
+them, and the rounds' mean ratio with its standard error printed beside it.
 
 What Ray Train costs per report: ``ray.train.report`` is a barrier across ranks on Ray's
 synchronisation actor (about 5 ms here), it blocks while the previous report is unread, and the
 controller reads reports when it polls the workers (Ray's default: every 2 s; ``fit`` sets
 ``cluster.trainer.CONTROLLER_POLL_S`` unless the user chose one). So the loop sends the metrics of
 every report to the driver's sink actor directly and calls ``ray.train.report`` at segment ends only
-(``cluster.worker``); rank 0 waits for a checkpoint's commit before its next report. What remains is
+(``cluster.worker``); rank 0 waits for a checkpoint's commit only before its next
+``ray.train.report`` (the next segment end). Waiting at the next metrics report instead, two steps
+after a checkpoint here, stalled 20 ms per checkpoint in the median and up to 1.1 s (one round: 2.6%
+of the measured time, 0.8% without that longest wait). What remains is
 Ray's own processes sharing the two cores with the training thread: about 14 for one Train worker,
 8 of them Python workers (Train's controller, synchronisation, placement-group, dataset and
 autoscaling actors, the report sink, an idle worker, the Train worker) whose main thread wakes about
@@ -56,6 +62,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -73,7 +80,7 @@ RSS_INTERVAL_S = 0.5
 #: Seconds each contender runs while the other is frozen.
 WINDOW_S = 3.0
 #: Interleaved direct/ray rounds (alternating which starts), before the direct/direct control round.
-ROUNDS = 2
+ROUNDS = 6
 
 
 class StepTimer:
@@ -240,8 +247,11 @@ def _pooled(runs: list[dict]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser("ray_overhead", __doc__).parse_args(argv)
+    p = parser("ray_overhead", __doc__)
+    p.add_argument("--rounds", type=int, help=f"interleaved direct/ray rounds (default {ROUNDS}, quick 1)")
+    args = p.parse_args(argv)
     epochs, rounds = (20, 1) if args.quick else (40, ROUNDS)
+    rounds = args.rounds or rounds
     from pipeline.shards.build import build_shards
 
     with tempfile.TemporaryDirectory(prefix="relic-bench-shards-") as tmp:
@@ -254,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ratio = _pooled([r["ray"] for r in measured]) / _pooled([r["direct"] for r in measured])
     round_ratios = [r["ray"]["steps_per_s"] / r["direct"]["steps_per_s"] for r in measured]
+    mean_ratio = statistics.fmean(round_ratios)
+    se_ratio = statistics.stdev(round_ratios) / len(round_ratios) ** 0.5 if rounds > 1 else float("nan")
     control_ratio = control["direct B"]["steps_per_s"] / control["direct A"]["steps_per_s"]
     rows = [
         {"round": f"{i + 1} ({' first, '.join(r)} second)", "contender": label, **m}
@@ -276,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(warm steps after epoch 1)",
     )
     print(
-        f"\nray / direct per round: {', '.join(f'{x:.3f}' for x in round_ratios)}"
+        f"\nray / direct per round: {', '.join(f'{x:.3f}' for x in round_ratios)} "
+        f"(mean {mean_ratio:.3f} ± {se_ratio:.3f} standard error)"
         f"\ncontrol (direct B / direct A, ideally 1): {control_ratio:.3f}"
         f"\nray_vs_direct = {ratio:.3f} (all rounds' counted steps)   "
         f"data_wait_fraction (demo, 2 workers, warm) = {demo['data_wait_fraction']:.3f}"
@@ -287,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         {
             "rounds": measured,
             "round_ratios": round_ratios,
+            "round_ratio_mean": mean_ratio,
+            "round_ratio_standard_error": se_ratio,
             "control": control,
             "control_ratio": control_ratio,
             "demo": demo,
