@@ -116,6 +116,36 @@ class ContrastProbe:
         pass
 
 
+def commit_wait_probe(config: dict) -> None:
+    """Ray Train worker function: one ``cluster.worker.RaySession`` (with the driver's report sink)
+    reports a checkpoint at a segment end, then metrics within a segment, then a segment end, and
+    writes to ``config["out"]`` whether the session still owed the commit wait after the last two
+    (``"waiting"``) and how many checkpoints the controller had committed after the segment end."""
+    import tempfile
+
+    import ray.train
+
+    from cluster.worker import RaySession
+
+    session = RaySession(use_gpu=False, sink=config["sink"])
+
+    def committed() -> int:
+        reported = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=0
+        )
+        return len(reported)
+
+    directory = tempfile.mkdtemp()
+    Path(directory, "state.txt").write_text("1")
+    session.report({"step": 1}, directory, "checkpoint-1")
+    after = {}
+    session.report({"step": 2}, at_segment_end=False)
+    after["metrics"] = {"waiting": session._uncommitted}
+    session.report({"step": 3})
+    after["segment_end"] = {"waiting": session._uncommitted, "committed": committed()}
+    Path(config["out"]).write_text(json.dumps(after))
+
+
 def read_records(directory: str | os.PathLike, pattern: str = "rank*.jsonl") -> list[dict]:
     out = []
     for path in sorted(Path(directory).glob(pattern)):
