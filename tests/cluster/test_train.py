@@ -76,8 +76,8 @@ def test_checkpoint_commit_is_awaited_at_the_next_segment_end_only(ray_local, tm
     the metrics report, as before, it fails.)"""
     import ray
 
-    # The controller commits a checkpoint when it next polls: poll seldom, so that without the wait
-    # the checkpoint would still be uncommitted at the segment end.
+    # The controller commits a checkpoint when it next polls: poll seldom, so that no commit happens
+    # by chance between the reports.
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
