@@ -41,11 +41,10 @@ every report to the driver's sink actor directly and calls ``ray.train.report`` 
 (``cluster.worker``); rank 0 waits for a checkpoint's commit only before its next
 ``ray.train.report`` (the next segment end). Waiting at the next metrics report instead, two steps
 after a checkpoint here, stalled 20 ms per checkpoint in the median and up to 1.1 s (one round: 2.6%
-of the measured time, 0.8% without that longest wait). What remains is
-Ray's own processes sharing the two cores with the training thread: about 14 for one Train worker,
-8 of them Python workers (Train's controller, synchronisation, placement-group, dataset and
-autoscaling actors, the report sink, an idle worker, the Train worker) whose main thread wakes about
-100 times a second. ``off-CPU ms/step`` (wall time per step minus the training thread's CPU time)
+of the measured time, 0.8% without that longest wait). What remains is Ray's own processes sharing
+the two cores with the training thread: about 14 for one Train worker, 8 of them Python workers
+(Train's controller, synchronisation, placement-group, dataset and autoscaling actors, the report
+sink, an idle worker, the Train worker) whose main thread wakes about 100 times a second. ``off-CPU ms/step`` (wall time per step minus the training thread's CPU time)
 shows it.
 
 ``demo``: ``configs/demo.yaml`` as the demo runs it (2 Ray workers, kNN monitor on), alone: the
@@ -117,20 +116,16 @@ def _config(
     return load_config(DEMO, overrides)
 
 
-def _window_steps(
-    path: str, windows: list[tuple[float, float]], warm_step: int
-) -> list[list[tuple[float, float]]]:
-    """Per window: (wall, CPU) seconds of each step from ``warm_step`` on that began and ended inside it.
-    A step's interval runs from the previous step's timestamp to its own; CPU is the training thread's."""
+def _window_steps(path: str, windows: list[tuple[float, float]], warm_step: int) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of each step from ``warm_step`` on that began and ended inside one of the
+    windows, in order. A step's interval runs from the previous step's timestamp to its own; CPU is
+    the training thread's."""
     rows = [line.split() for line in Path(path).read_text().splitlines()]
     marks = [(int(step), float(t), float(cpu)) for step, t, cpu in rows]
     return [
-        [
-            (t1 - t0, c1 - c0)
-            for (s0, t0, c0), (_, t1, c1) in itertools.pairwise(marks)
-            if s0 >= warm_step and start <= t0 and t1 <= end
-        ]
-        for start, end in windows
+        (t1 - t0, c1 - c0)
+        for (s0, t0, c0), (_, t1, c1) in itertools.pairwise(marks)
+        if s0 >= warm_step and any(start <= t0 and t1 <= end for start, end in windows)
     ]
 
 
@@ -221,11 +216,7 @@ def interleaved_round(shards: str, epochs: int, contenders: list[tuple[str, str]
         )
         out = {}
         for label, _ in contenders:
-            steps = [
-                x
-                for w in _window_steps(timers[label], windows[label], results[label]["warm_step"])
-                for x in w
-            ]
+            steps = _window_steps(timers[label], windows[label], results[label]["warm_step"])
             if not steps:
                 raise RuntimeError(f"{label}: no step fell inside its {len(windows[label])} windows")
             wall, cpu = sum(w for w, _ in steps), sum(c for _, c in steps)
