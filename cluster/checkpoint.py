@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import tempfile
 import time
@@ -59,12 +60,31 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(directory) / META_FILE).read_text())
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and why."""
+
+
+def load_state_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """``train_state.pt`` as data: tensors, numbers, strings and containers only.
+
+    Loaded with ``torch.load(weights_only=True)``, PyTorch's restricted unpickler, so a file that
+    carries anything else (a pickled callable, an arbitrary class) is refused before any of it runs.
+    ``TrainState.state_dict`` writes only such values (RNG states included)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds objects other than tensors and plain values, "
+            f"and checkpoints are loaded as data only, never as code ({reason[-1] if reason else e})"
+        ) from None
+
+
 def restore(state: Any, directory: str | os.PathLike) -> dict[str, Any]:
     """Load ``train_state.pt`` from the local ``directory`` into ``state`` (before DDP wrapping or not:
     ``TrainState`` loads into the unwrapped module). Returns the checkpoint's meta."""
     directory = Path(directory)
-    saved = torch.load(directory / STATE_FILE, map_location=state.device, weights_only=False)
-    state.load_state_dict(saved)
+    state.load_state_dict(load_state_file(directory / STATE_FILE, state.device))
     return read_meta(directory)
 
 
@@ -144,7 +164,7 @@ def load_model_from_checkpoint(
         cfg = config_from_dict(
             yaml.safe_load((Path(local) / CONFIG_FILE).read_text()), source=f"{path}/{CONFIG_FILE}"
         )
-        saved = torch.load(Path(local) / STATE_FILE, map_location=device, weights_only=False)
+        saved = load_state_file(Path(local) / STATE_FILE, device)
         meta = read_meta(local)
     # SyncBatchNorm (model.sync_batchnorm) has BatchNorm's parameter names: it loads into plain BN.
     model = build_model(cfg.model)

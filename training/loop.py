@@ -148,11 +148,19 @@ class TrainState:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every random generator a step or a data pipeline in this process may draw from."""
+    """Every random generator a step or a data pipeline in this process may draw from, as tensors and
+    plain Python values only, so that a checkpoint loads with ``torch.load(weights_only=True)``."""
+    kind, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": str(kind),
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "python": random.getstate(),
     }
 
@@ -161,8 +169,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    legacy = state["numpy"]
+    np.random.set_state(
+        (
+            legacy["kind"],
+            legacy["key"].numpy().astype(np.uint32),
+            legacy["pos"],
+            legacy["has_gauss"],
+            legacy["cached_gaussian"],
+        )
+    )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def build_train_state(

@@ -149,7 +149,7 @@ def test_two_workers_train_end_to_end(reference):
 
     loaded = load_model_from_checkpoint(result.run_dir)
     assert loaded.step == STEPS and loaded.epoch == 0
-    saved = torch.load(run_dir / "checkpoint-00000008" / "train_state.pt", weights_only=False)
+    saved = torch.load(run_dir / "checkpoint-00000008" / "train_state.pt", weights_only=True)
     assert saved["step"] == STEPS and saved["extra"]["data"] == {
         "epoch": 0,
         "batch_in_epoch": 8,
@@ -224,10 +224,10 @@ def test_killed_worker_restarts_from_checkpoint_and_matches_uninterrupted_run(
         # same samples in the same order: nothing seen twice or skipped by the resume
         assert ours[key]["keys"] == ref[key]["keys"], key
 
-    ref_state = torch.load(Path(ref_result.checkpoint) / "train_state.pt", weights_only=False)
+    ref_state = torch.load(Path(ref_result.checkpoint) / "train_state.pt", weights_only=True)
     fs = s3fs.S3FileSystem(**options)
     with fs.open(f"{result.checkpoint[5:]}/train_state.pt", "rb") as f:
-        our_state = torch.load(f, weights_only=False)
+        our_state = torch.load(f, weights_only=True)
     for name, tensor in ref_state["model"].items():
         torch.testing.assert_close(our_state["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 

@@ -156,7 +156,7 @@ def test_local_loop_resumes_exactly_and_runs_the_knn_monitor(small_shards, tmp_p
     assert len(set(epoch0)) == len(epoch0) == 11 * 16
 
     loaded = load_model_from_checkpoint(part2.run_dir)
-    saved = torch.load(Path(part2.run_dir) / "checkpoint-00000014" / "train_state.pt", weights_only=False)
+    saved = torch.load(Path(part2.run_dir) / "checkpoint-00000014" / "train_state.pt", weights_only=True)
     assert loaded.step == 14 and loaded.epoch == 1
     assert (
         json.loads((Path(part2.run_dir) / "checkpoint-00000014" / "meta.json").read_text())["git_sha"]

@@ -93,7 +93,7 @@ def test_save_load_next_step_is_bit_identical():
     resumed = small_state(
         queue_size=6, seed=123
     )  # different initial weights: everything must come from the file
-    resumed.load_state_dict(torch.load(io.BytesIO(saved), weights_only=False))
+    resumed.load_state_dict(torch.load(io.BytesIO(saved), weights_only=True))
     assert torch.equal(torch.randn(3), expected_noise)
     assert (resumed.step, resumed.queue_len, resumed.samples_seen) == (2, 6, 2 * BATCH)
     assert train_step(resumed, data[2]) == expected
@@ -104,7 +104,7 @@ def test_save_load_next_step_is_bit_identical():
 
 
 def test_resume_rejects_a_different_schedule():
-    saved = torch.load(io.BytesIO(snapshot(small_state())), weights_only=False)
+    saved = torch.load(io.BytesIO(snapshot(small_state())), weights_only=True)
     with pytest.raises(ValueError, match="checkpoint steps_per_epoch is 3, this run's is 5"):
         small_state(steps_per_epoch=5).load_state_dict(saved)
 
