@@ -3,8 +3,9 @@
 - the Dockerfiles pass hadolint and agree with the project: the Ray version in the base image tag is
   the ``ray==`` pin of requirements/constraints.txt, the CUDA tag is DALI's, the version label is
   pyproject's, every COPY source exists and survives .dockerignore, the user is non-root;
-- the KubeRay manifests validate against the operator's CRD schemas (``../shared/schemas/kuberay``,
-  v1 ``openAPIV3Schema``, unknown fields rejected as the API server's strict field validation does);
+- the KubeRay manifests validate against the operator's CRD schemas (vendored in
+  ``cluster/k8s/schemas/kuberay``, see its SOURCE.md; v1 ``openAPIV3Schema``, unknown fields rejected
+  as the API server's strict field validation does);
 - the cluster-launcher config passes Ray's own ``prepare_config`` + ``validate_config``;
 - every image, entrypoint and config path named agrees with the repository, and the GPU counts add up
   to the config's ``scaling`` section.
@@ -28,7 +29,7 @@ import yaml
 tomllib = pytest.importorskip("tomllib", reason="reads pyproject.toml with Python >= 3.11's tomllib")
 
 REPO = Path(__file__).resolve().parents[2]
-SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
+SCHEMAS = REPO / "cluster" / "k8s" / "schemas" / "kuberay"  # vendored test data, see SOURCE.md there
 DOCKERFILES = {"cu130": REPO / "docker" / "Dockerfile", "cpu": REPO / "docker" / "Dockerfile.cpu"}
 RAYJOB = REPO / "cluster" / "k8s" / "rayjob.yaml"
 RAYCLUSTER = REPO / "cluster" / "k8s" / "raycluster.yaml"
@@ -225,7 +226,10 @@ def _list_map_keys(validator, keys, instance, schema):
 def kuberay_validator(crd_file: str):
     path = SCHEMAS / crd_file
     if not path.exists():
-        pytest.fail(f"KubeRay CRD schema not found at {path} (CI checks out shared/ beside the repository)")
+        pytest.fail(
+            f"KubeRay CRD schema not found at {path}: it is vendored in the repository at "
+            f"{path.relative_to(REPO)} (see {SCHEMAS.relative_to(REPO)}/SOURCE.md)"
+        )
     crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = _strict(v1["schema"]["openAPIV3Schema"])
