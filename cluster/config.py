@@ -1,43 +1,69 @@
 """Typed experiment configuration: one YAML file plus ``key=value`` overrides, validated up front.
 
-An experiment is eight sections, each a ``kw_only`` dataclass::
+An experiment is eight sections, each a config section in the project's one convention (a keyword-only
+pydantic dataclass with ``training.config.SECTION_CONFIG``, a docstring on every field, constraints
+checked by pydantic)::
 
     data       where the shards are (local or s3://), global batch, reader knobs, kNN monitor splits
-    views      the augmentation recipe: a preset of ``pipeline.augment`` plus overrides
-    model      training.config.ModelConfig       (encoder, projector, target network)
-    objective  training.config.ObjectiveConfig   (temperature, alpha, queue, ...)
+    views      the augmentation recipe: a preset of ``pipeline.augment`` plus its typed options
+    model      training.config.ModelConfig       (encoder, projector)
+    objective  training.config.ObjectiveConfig   (temperature, alpha, target network, queue, ...)
     optim      training.config.OptimConfig       (optimiser, base lr, weight decay, ...)
-    schedule   training.config.ScheduleConfig    (epochs, warm-up, EMA momentum, ...)
+    schedule   training.config.ScheduleConfig    (epochs, warm-up, ...)
     run        name, storage (local dir or s3://), reporting/checkpoint cadence, failures, seed
     scaling    workers, GPUs, resources per worker, placement
 
 ``load_config(path, overrides)`` reads the YAML, applies overrides such as ``optim.base_lr=0.3`` or
 ``scaling.num_workers=4`` (dotted keys; values parsed as YAML scalars, so ``4`` is an int, ``0.3`` a
-float, ``true`` a bool, ``null`` None, ``[1, 2]`` a list), converts every value to the declared type
-and checks the cross-section constraints (the global batch must split evenly over the workers, ...).
-Anything wrong raises ``ConfigError`` naming the file, the dotted key, the value and what was
-expected — on the driver, before any Ray worker is started.
+float, ``true`` a bool, ``null`` None, ``[1, 2]`` a list), validates every section with pydantic and
+checks the constraints between sections (the global batch must split evenly over the workers, ...).
+Anything wrong raises ``ConfigError`` naming where the bad value came from (the file, or the override
+on the command line), the dotted key, the value and what was expected — on the driver, before any Ray
+worker is started.
+
+Secrets: the value of every key whose name contains SECRET, TOKEN, PASSWORD or KEY (any case; e.g.
+``scaling.env_vars.WANDB_API_KEY``) is shown and stored as ``***``: in ``to_yaml()``, ``to_dict()``,
+error messages and override echoes. Only ``to_dict(redact=False)``, the form sent to the workers, holds
+the real values.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import ErrorDetails
 
-from training.config import ModelConfig, ObjectiveConfig, OptimConfig, ScheduleConfig
+from pipeline.augment import PresetError, PresetName, PresetOptions, ViewRecipe, preset
+from training.config import SECTION_CONFIG, ModelConfig, ObjectiveConfig, OptimConfig, ScheduleConfig
+
+#: What a secret value is shown and stored as.
+REDACTED = "***"
+_SECRET_MARKERS = ("SECRET", "TOKEN", "PASSWORD", "KEY")
 
 
 class ConfigError(ValueError):
-    """A configuration problem a user can fix: ``key`` is the dotted path, ``source`` the file."""
+    """A configuration problem a user can fix: ``message`` says what is wrong, ``key`` is the dotted
+    path, ``source`` where the value came from (the file, or ``command line (key=value)``)."""
 
     def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
+        self.message = message
         self.key = key
         self.source = source
         where = " ".join(p for p in (f"{source}:" if source else "", key or "") if p)
@@ -45,124 +71,134 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Sections owned by the cluster layer. Fields carry their meaning in the comment above them.
+# Sections owned by the cluster layer.
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SECTION_CONFIG)
 class DataConfig:
-    # Training shards: a shard directory or a manifest.json URL, local path or s3://bucket/prefix.
-    train: str
-    # Global batch size: images per optimiser step summed over all workers (ReLIC/BYOL use 4096).
-    global_batch_size: int = 256
-    # Sample-level shuffle buffer of each reader (samples).
-    shuffle_buffer: int = 1000
-    # Reader threads/processes per training worker (ShardReader num_workers).
-    reader_workers: int = 1
-    # S3-compatible endpoint for the shards (MinIO, moto); None: RELIC_S3_ENDPOINT_URL/AWS_ENDPOINT_URL*.
+    """Where the training shards are and how they are read."""
+
+    train: Annotated[str, Field(min_length=1)]
+    """Training shards: a shard directory or a manifest.json URL, local path or s3://bucket/prefix."""
+    global_batch_size: PositiveInt = 256
+    """Images per optimiser step summed over all workers (ReLIC/BYOL use 4096); a multiple of
+    ``scaling.num_workers``."""
+    shuffle_buffer: PositiveInt = 1000
+    """Sample-level shuffle buffer of each reader (samples)."""
+    reader_workers: PositiveInt = 1
+    """Reader threads/processes per training worker (ShardReader num_workers)."""
     endpoint_url: str | None = None
-    # AWS profile for the shards; None: the default credential chain.
+    """S3-compatible endpoint for the shards (MinIO, moto); None: RELIC_S3_ENDPOINT_URL/AWS_ENDPOINT_URL*."""
     profile: str | None = None
-    # Labelled shards whose features form the online kNN monitor's memory bank (usually the train
-    # split); None: the training shards when they carry labels.
+    """AWS profile for the shards; None: the default credential chain."""
     knn_train: str | None = None
-    # Held-out labelled shards the kNN monitor classifies; None disables the monitor.
+    """Labelled shards whose features form the online kNN monitor's memory bank (usually the train
+    split); None: the training shards when they carry labels."""
     knn_val: str | None = None
-    # At most this many samples are taken from each kNN split (the monitor must stay cheap).
-    knn_max_samples: int = 2000
-
-    def __post_init__(self) -> None:
-        _positive(self, "global_batch_size", "shuffle_buffer", "reader_workers", "knn_max_samples")
-        if not self.train:
-            raise ValueError("train: expected a shard directory or manifest URL, got an empty string")
+    """Held-out labelled shards the kNN monitor classifies; None disables the monitor."""
+    knn_max_samples: PositiveInt = 2000
+    """At most this many samples are taken from each kNN split (the monitor must stay cheap)."""
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SECTION_CONFIG)
 class ViewsConfig:
-    # Preset of pipeline.augment.preset(): "relic" (2 x 224), "relicv2" (+ small crops), "demo".
-    preset: Literal["relic", "relicv2", "demo"] = "relic"
-    # Keyword overrides passed to the preset, e.g. {num_small: 4} for relicv2 or {size: 32}.
-    options: dict[str, Any] = field(default_factory=dict)
-    # DALI CPU threads per worker (without a GPU they are shared out over at most 4 DALI pipelines).
-    num_threads: int = 2
-    # Batches prepared ahead of the training step.
-    prefetch: int = 2
-    # View tensor dtype handed to the model (the memory format follows model.channels_last).
+    """The augmentation recipe and the DALI pipeline that applies it."""
+
+    preset: PresetName = "relic"
+    """Preset of ``pipeline.augment.preset``: "relic" (2 x 224), "relicv2" (+ small crops), "demo"."""
+    options: PresetOptions = Field(default_factory=PresetOptions)
+    """Overrides of the preset, e.g. ``{num_small: 4}`` for relicv2 or ``{size: 32}``."""
+    num_threads: PositiveInt = 2
+    """DALI CPU threads per worker (without a GPU they are shared out over at most 4 DALI pipelines)."""
+    prefetch: PositiveInt = 2
+    """Batches prepared ahead of the training step."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """View tensor dtype handed to the model (the memory format follows model.channels_last)."""
 
-    def __post_init__(self) -> None:
-        _positive(self, "num_threads", "prefetch")
+    def recipe(self) -> ViewRecipe:
+        """The views this section describes; raises ``PresetError`` when the options do not fit the preset."""
+        return preset(self.preset, self.options)
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SECTION_CONFIG)
 class RunConfig:
-    # Run name: the directory under `storage`; a new run with the same name resumes from its checkpoints.
-    name: str
-    # Where runs live: local directory or s3://bucket/prefix (checkpoints, TensorBoard, config, metrics).
+    """The run's identity, storage and cadences."""
+
+    name: Annotated[str, Field(min_length=1)]
+    """Run name: the directory under ``storage``; a new run with the same name resumes from its checkpoints."""
     storage: str = "runs"
-    # S3-compatible endpoint for `storage`; None: from the environment like the data endpoint.
+    """Where runs live: local directory or s3://bucket/prefix (checkpoints, TensorBoard, config, metrics)."""
     endpoint_url: str | None = None
-    # Seed for model initialisation, shard order and augmentation.
-    seed: int = 0
-    # Report metrics every this many optimiser steps (every rank reports; rank 0's are logged).
-    report_every: int = 10
-    # Checkpoint every this many steps (0: none between epoch ends); checkpoints are also written
-    # at the end of every `checkpoint_every_epochs`-th epoch and at the end of training.
-    checkpoint_every: int = 0
-    # Checkpoint at the end of every this many epochs (0: never at epoch ends, only the above).
-    checkpoint_every_epochs: int = 1
-    # Checkpoints kept in storage (the oldest are deleted first).
-    num_to_keep: int | None = 2
-    # Worker-group restarts from the last checkpoint before the run fails (-1: unlimited).
-    max_failures: int = 3
-    # Run the kNN monitor every this many epochs (0: never); needs data.knn_val.
-    knn_every: int = 1
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    # Write TensorBoard event files from rank 0 under <storage>/<name>/tensorboard.
+    """S3-compatible endpoint for ``storage``; None: from the environment like the data endpoint."""
+    seed: NonNegativeInt = 0
+    """Seed for model initialisation, shard order and augmentation."""
+    report_every: PositiveInt = 10
+    """Report metrics every this many optimiser steps (every rank reports; rank 0's are logged)."""
+    checkpoint_every: NonNegativeInt = 0
+    """Checkpoint every this many steps (0: none between epoch ends); checkpoints are also written at
+    the end of every ``checkpoint_every_epochs``-th epoch and at the end of training."""
+    checkpoint_every_epochs: NonNegativeInt = 1
+    """Checkpoint at the end of every this many epochs (0: never at epoch ends, only the above)."""
+    num_to_keep: PositiveInt | None = 2
+    """Checkpoints kept in storage (the oldest are deleted first); None keeps all."""
+    max_failures: Annotated[int, Field(ge=-1)] = 3
+    """Worker-group restarts from the last checkpoint before the run fails (-1: unlimited)."""
+    knn_every: NonNegativeInt = 1
+    """Run the kNN monitor every this many epochs (0: never); needs data.knn_val."""
+    knn_k: PositiveInt = 20
+    """Neighbours that vote in the kNN monitor's weighted k-NN (Wu et al. 2018, arXiv 1805.01978,
+    sec. 3.4; DINO's k-NN evaluation, Caron et al. 2021, arXiv 2104.14294: k = 20)."""
+    knn_temperature: PositiveFloat = 0.07
+    """Temperature of the kNN monitor's similarity-weighted vote (DINO's k-NN evaluation: 0.07)."""
     tensorboard: bool = True
-    # Stop after this many optimiser steps in total (None: train for schedule.epochs). The schedules
-    # are still laid out for the full run, so this truncates a run rather than shortening it.
-    max_steps: int | None = None
+    """Write TensorBoard event files from rank 0 under <storage>/<name>/tensorboard."""
+    max_steps: PositiveInt | None = None
+    """Stop after this many optimiser steps in total (None: train for schedule.epochs). The schedules
+    are still laid out for the full run, so this truncates a run rather than shortening it."""
 
-    def __post_init__(self) -> None:
-        if not self.name or "/" in self.name:
-            raise ValueError(f"name: expected a non-empty name without '/', got {self.name!r}")
-        _positive(self, "report_every", "knn_k")
-        _non_negative(self, "checkpoint_every", "checkpoint_every_epochs", "knn_every", "seed")
-        if self.num_to_keep is not None and self.num_to_keep < 1:
-            raise ValueError(f"num_to_keep: expected null or >= 1, got {self.num_to_keep}")
-        if self.max_failures < -1:
-            raise ValueError(f"max_failures: expected -1 (unlimited) or >= 0, got {self.max_failures}")
-        if self.knn_temperature <= 0:
-            raise ValueError(f"knn_temperature: expected > 0, got {self.knn_temperature}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps: expected null or >= 1, got {self.max_steps}")
+    @field_validator("name")
+    @classmethod
+    def _one_path_segment(cls, name: str) -> str:
+        if "/" in name:
+            raise ValueError("expected a name without '/'")
+        return name
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SECTION_CONFIG)
 class ScalingConfig:
-    # Training workers (one process, one DDP rank each; one per GPU on GPU nodes).
-    num_workers: int = 2
-    # One GPU per worker, DALI on the GPU ("mixed" decode), NCCL.
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    # GPUs per worker when use_gpu (fractions allowed by Ray; 1 is the normal choice).
-    gpus_per_worker: float = 1.0
-    # Extra custom Ray resources per worker, e.g. {accelerator_type:H100: 0.001}.
-    resources: dict[str, float] = field(default_factory=dict)
-    # Ray placement group strategy for the workers (PACK fills nodes, SPREAD one per node).
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    # torch.distributed backend; "auto": nccl with GPUs, gloo without.
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
-    # Environment variables for every worker (e.g. NCCL_SOCKET_IFNAME). Not for secrets.
-    env_vars: dict[str, str] = field(default_factory=dict)
+    """Workers, their resources and how they are placed."""
 
-    def __post_init__(self) -> None:
-        _positive(self, "num_workers", "cpus_per_worker")
-        if self.use_gpu and self.gpus_per_worker <= 0:
-            raise ValueError(f"gpus_per_worker: expected > 0 with use_gpu, got {self.gpus_per_worker}")
-        if self.backend == "nccl" and not self.use_gpu:
-            raise ValueError("backend: 'nccl' needs use_gpu: true; use 'gloo' or 'auto' on CPU")
+    num_workers: PositiveInt = 2
+    """Training workers (one process, one DDP rank each; one per GPU on GPU nodes)."""
+    use_gpu: bool = False
+    """One GPU per worker, DALI on the GPU ("mixed" decode), NCCL."""
+    cpus_per_worker: PositiveFloat = 1.0
+    """CPUs Ray reserves for each worker (its DALI threads and readers run on them)."""
+    gpus_per_worker: float = 1.0
+    """GPUs per worker when use_gpu (fractions allowed by Ray; 1 is the normal choice); > 0 with use_gpu."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Extra custom Ray resources per worker, e.g. ``{accelerator_type:H100: 0.001}``."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement group strategy for the workers (PACK fills nodes, SPREAD one per node)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; "auto": nccl with GPUs, gloo without; nccl needs use_gpu."""
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    """Environment variables for every worker (e.g. NCCL_SOCKET_IFNAME). Values of secret-named
+    variables (``*KEY*``, ``*TOKEN*``, ...) are redacted wherever the config is shown or stored."""
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _positive_with_gpu(cls, gpus: float, info: ValidationInfo) -> float:
+        if info.data.get("use_gpu") and gpus <= 0:
+            raise ValueError("expected > 0 with use_gpu: true")
+        return gpus
+
+    @field_validator("backend")
+    @classmethod
+    def _nccl_needs_gpu(cls, backend: str, info: ValidationInfo) -> str:
+        if backend == "nccl" and info.data.get("use_gpu") is False:
+            raise ValueError("expected 'gloo' or 'auto' on CPU ('nccl' needs use_gpu: true)")
+        return backend
 
     @property
     def torch_backend(self) -> str:
@@ -171,27 +207,76 @@ class ScalingConfig:
         return "nccl" if self.use_gpu else "gloo"
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SECTION_CONFIG)
 class ExperimentConfig:
+    """One experiment: every section, validated together (``config_from_dict``)."""
+
     data: DataConfig
-    views: ViewsConfig = field(default_factory=ViewsConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """The training shards and their reading."""
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+    """The augmentation recipe."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Encoder and critic."""
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    """The ReLIC objective and its target network."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """The optimiser."""
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    """Training length and learning-rate schedule."""
     run: RunConfig
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    """Name, storage and cadences of the run."""
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    """Workers and their resources."""
 
     @property
     def per_worker_batch_size(self) -> int:
         return self.data.global_batch_size // self.scaling.num_workers
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (YAML/JSON-safe): what is logged and stored with the run."""
-        return _to_plain(self)
+    def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-safe) that ``config_from_dict`` turns back into this config.
+
+        Redacted (secret-named values replaced by ``***``) for everything that is shown or stored:
+        logs, run_info, reports, ``config.yaml``. ``redact=False`` keeps the real values: only for the
+        workers, which rebuild the config they run from it.
+        """
+        plain = _EXPERIMENT.dump_python(self, mode="json")
+        return redacted(plain) if redact else plain
 
     def to_yaml(self) -> str:
+        """The redacted ``to_dict()`` as YAML: what ``--print-config`` prints and ``config.yaml`` holds."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+_EXPERIMENT = TypeAdapter(ExperimentConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Secrets
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a key names a secret: it contains SECRET, TOKEN, PASSWORD or KEY, in any case.
+
+    ``AWS_ACCESS_KEY_ID`` counts: an identifier, but one half of a credential pair.
+    """
+    upper = name.upper()
+    return any(marker in upper for marker in _SECRET_MARKERS)
+
+
+def redacted(tree: Any) -> Any:
+    """A copy of a plain config tree with the value of every secret-named key replaced by ``***``."""
+    if isinstance(tree, Mapping):
+        return {k: REDACTED if is_secret_name(str(k)) else redacted(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redacted(v) for v in tree]
+    return tree
+
+
+def redact_override(item: str) -> str:
+    """A ``key=value`` command-line argument as it may be shown: ``key=***`` when the key names a
+    secret; any other argument unchanged."""
+    key, sep, _ = item.partition("=")
+    return f"{key}={REDACTED}" if sep and any(is_secret_name(p) for p in key.split(".")) else item
 
 
 # --------------------------------------------------------------------------------------------------
@@ -199,7 +284,8 @@ class ExperimentConfig:
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read ``path`` (YAML), apply ``key=value`` overrides, convert, validate. Raises ConfigError."""
+    """Read ``path`` (YAML), apply ``key=value`` overrides, validate. Raises ConfigError whose source
+    is the override when the bad key was set on the command line, else the file."""
     source = str(path)
     try:
         text = Path(path).read_text()
@@ -213,29 +299,36 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"expected a mapping of sections at the top level, got {_kind(raw)}", source=source)
-    return config_from_dict(apply_overrides(raw, overrides, source=source), source=source)
+    try:
+        return config_from_dict(apply_overrides(raw, overrides, source=source), source=source)
+    except ConfigError as error:
+        override = _override_behind(error.key, raw, overrides)
+        if override is None:
+            raise
+        raise ConfigError(error.message, key=error.key, source=_command_line(override)) from error
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], *, source: str | None = None) -> dict:
     """A copy of ``raw`` with each ``dotted.key=value`` set; the value is parsed as a YAML scalar/flow.
 
-    Whether the key exists is checked later, against the dataclasses, so that a typo in an override
-    and a typo in the file get the same message.
+    Whether the key exists is checked later, by validation, so that a typo in an override and a typo
+    in the file get the same message. ``source`` (the file ``raw`` came from) is not blamed for a
+    malformed override: its errors name the command line.
     """
-    out = _deep_copy(raw)
+    out = copy.deepcopy(raw)
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(
-                f"override {item!r}: expected key=value with a dotted key, e.g. optim.base_lr=0.3",
-                source="command line",
+                f"override {redact_override(item)!r}: expected key=value with a dotted key, e.g. optim.base_lr=0.3",
+                source=_command_line(item),
             )
         try:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(
-                f"value {text!r} is not a YAML value: {e}", key=key, source="command line"
+                f"value {text!r} is not a YAML value: {e}", key=key, source=_command_line(item)
             ) from e
         node = out
         parts = key.split(".")
@@ -248,7 +341,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], *, source: st
                 raise ConfigError(
                     f"cannot set {key}: {prefix} is a {_kind(child)} ({child!r}), not a section",
                     key=key,
-                    source="command line",
+                    source=_command_line(item),
                 )
             node = child
         node[parts[-1]] = value
@@ -256,14 +349,18 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], *, source: st
 
 
 def config_from_dict(raw: Mapping[str, Any], *, source: str | None = None) -> ExperimentConfig:
-    """Build and validate an ExperimentConfig from a nested mapping (a parsed YAML document)."""
-    cfg = _build(ExperimentConfig, raw, prefix="", source=source)
+    """Build and validate an ExperimentConfig from a nested mapping (a parsed YAML document, or
+    ``to_dict()``). Raises ConfigError at the dotted key of the first problem."""
+    try:
+        cfg = _EXPERIMENT.validate_python(raw)
+    except ValidationError as e:
+        raise _config_error(e, source=source) from e
     validate(cfg, source=source)
     return cfg
 
 
 def validate(cfg: ExperimentConfig, *, source: str | None = None) -> None:
-    """Constraints that span sections (each section validates itself on construction)."""
+    """Constraints that span sections (each section validates its own fields on construction)."""
     n = cfg.scaling.num_workers
     if cfg.data.global_batch_size % n:
         raise ConfigError(
@@ -272,12 +369,10 @@ def validate(cfg: ExperimentConfig, *, source: str | None = None) -> None:
             key="data.global_batch_size",
             source=source,
         )
-    from pipeline.augment import preset  # pure dataclasses; DALI is imported only to build graphs
-
     try:
-        preset(cfg.views.preset, **cfg.views.options)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{e}", key="views.options", source=source) from e
+        cfg.views.recipe()
+    except PresetError as e:
+        raise ConfigError(str(e), key=f"views.options.{e.option}", source=source) from e
     if not cfg.scaling.use_gpu and cfg.views.dtype == "float16":
         raise ConfigError(
             "float16 views need scaling.use_gpu: true (CPU convolutions lack float16); use float32 or bfloat16",
@@ -287,148 +382,104 @@ def validate(cfg: ExperimentConfig, *, source: str | None = None) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Generic dataclass <- mapping conversion with messages that name the key.
+# Error reports: pydantic's error location -> dotted key; its error type -> what was expected.
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "string_too_short": "at least {min_length} character(s)",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "too_short": "at least {min_length} values",
+    "too_long": "at most {max_length} values",
+    "dict_type": "a mapping",
+    "dataclass_type": "a mapping",
+    "literal_error": "one of {expected}",
+    "greater_than": "> {gt}",
+    "greater_than_equal": ">= {ge}",
+    "less_than": "< {lt}",
+    "less_than_equal": "<= {le}",
+}
 
 
-def _build(cls: type, raw: Any, *, prefix: str, source: str | None) -> Any:
-    if not isinstance(raw, Mapping):
-        raise ConfigError(
-            f"expected a mapping (section {cls.__name__}), got {_kind(raw)} {raw!r}",
-            key=prefix or None,
-            source=source,
-        )
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in raw if k not in fields]
-    if unknown:
-        key = _join(prefix, str(unknown[0]))
-        raise ConfigError(
-            f"unknown key; expected one of: {', '.join(sorted(fields))}", key=key, source=source
-        )
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        key = _join(prefix, name)
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(
-                    f"required key is missing ({_describe(hints[name])})", key=key, source=source
-                )
+def _config_error(error: ValidationError, *, source: str | None) -> ConfigError:
+    """The first problem pydantic found in an ExperimentConfig, as a ConfigError at its dotted key."""
+    details = error.errors()[0]
+    kind, loc = details["type"], details["loc"]
+    too_few_values = kind == "missing" and bool(loc) and isinstance(loc[-1], int)  # a fixed-length list
+    key, holder = _locate(loc[:-1] if too_few_values else loc)
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        known = sorted(getattr(holder, "__pydantic_fields__", {}))
+        return ConfigError(f"unknown key; expected one of: {', '.join(known)}", key=key, source=source)
+    if kind == "missing" and not too_few_values:
+        return ConfigError("required key is missing", key=key, source=source)
+    shown = REDACTED if key and any(is_secret_name(p) for p in key.split(".")) else _shown(details["input"])
+    return ConfigError(f"got {shown}, {_expectation(details)}", key=key, source=source)
+
+
+def _expectation(details: ErrorDetails) -> str:
+    kind = details["type"]
+    ctx = details.get("ctx", {})
+    if kind == "value_error":  # raised by a field validator, phrased "expected ..."
+        return str(ctx["error"])
+    if kind == "missing":  # an element of a fixed-length list
+        return f"expected a value at index {details['loc'][-1]}"
+    if kind in _EXPECTED:
+        return "expected " + _EXPECTED[kind].format(**ctx)
+    return details["msg"][:1].lower() + details["msg"][1:]
+
+
+def _locate(loc: tuple[int | str, ...]) -> tuple[str | None, Any]:
+    """The dotted key of a pydantic error location in an ExperimentConfig (``views.options.blur_p[1]``)
+    and the type that holds its last part (the section, for an unknown key)."""
+    key = ""
+    node: Any = ExperimentConfig
+    holder: Any = None
+    for part in loc:
+        node = _strip_optional(node)
+        if typing.get_origin(node) in (typing.Union, types.UnionType):
+            node = None  # a union's location names the member that was tried: not a key
             continue
-        kwargs[name] = _convert(raw[name], hints[name], key=key, source=source)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        # Section __post_init__ messages start with the field name ("base_lr: expected > 0, got -1").
-        # Section checks name their field first: "base_lr: ..." here, "optim.base_lr: ..." in training.
-        msg = str(e)
-        head, sep, rest = msg.partition(":")
-        name = head.strip().rsplit(".", 1)[-1]
-        if sep and name in fields:
-            raise ConfigError(rest.strip(), key=_join(prefix, name), source=source) from e
-        raise ConfigError(msg, key=prefix or None, source=source) from e
+        holder = node
+        key += f"[{part}]" if isinstance(part, int) else f".{part}" if key else str(part)
+        node = _child_type(node, part)
+    return key or None, holder
 
 
-def _convert(value: Any, tp: Any, *, key: str, source: str | None) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, prefix=key, source=source)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key=key, source=source)
-            except ConfigError:
-                continue
-        raise ConfigError(f"got {_kind(value)} {value!r}, expected {_describe(tp)}", key=key, source=source)
-    if origin is Literal:
-        if value in args:
-            return value
-        raise ConfigError(
-            f"got {value!r}, expected one of {', '.join(repr(a) for a in args)}", key=key, source=source
-        )
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"got {_kind(value)} {value!r}, expected true or false", key=key, source=source)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"got {_kind(value)} {value!r}, expected an integer", key=key, source=source)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"got {_kind(value)} {value!r}, expected a number", key=key, source=source)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"got {_kind(value)} {value!r}, expected a string", key=key, source=source)
-    if origin in (tuple, list, Sequence) or tp in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(
-                f"got {_kind(value)} {value!r}, expected {_describe(tp)}", key=key, source=source
-            )
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(
-                    f"got {len(value)} values {list(value)!r}, expected {_describe(tp)}",
-                    key=key,
-                    source=source,
-                )
-            return tuple(
-                _convert(v, a, key=f"{key}[{i}]", source=source) for i, (v, a) in enumerate(zip(value, args))
-            )
-        item_tp = args[0] if args else Any
-        items = [_convert(v, item_tp, key=f"{key}[{i}]", source=source) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple or tp is tuple else items
-    if origin in (dict, Mapping) or tp is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"got {_kind(value)} {value!r}, expected a mapping", key=key, source=source)
-        kt, vt = args if args else (Any, Any)
-        return {
-            _convert(k, kt, key=key, source=source): _convert(v, vt, key=_join(key, str(k)), source=source)
-            for k, v in value.items()
-        }
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise ConfigError(f"got {_kind(value)} {value!r}, expected {_describe(tp)}", key=key, source=source)
+def _strip_optional(tp: Any) -> Any:
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+            continue
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(members) == 1:
+            tp = members[0]
+            continue
+        return tp
 
 
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        parts = [_describe(a) for a in args if a is not type(None)]
-        text = " or ".join(parts)
-        return f"{text} or null" if type(None) in args else text
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is tuple and args and args[-1] is not Ellipsis:
-        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
-    if origin in (tuple, list, Sequence):
-        return f"a list of {_describe(args[0])}" if args else "a list"
-    if origin in (dict, Mapping):
-        return "a mapping"
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", Any: "any value"}
-    if tp in names:
-        return names[tp]
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping (section {tp.__name__})"
-    return getattr(tp, "__name__", str(tp))
+def _child_type(tp: Any, part: int | str) -> Any:
+    fields = getattr(tp, "__pydantic_fields__", None)
+    if fields is not None:
+        return fields[part].annotation if part in fields else None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is dict and args:
+        return args[1]
+    if origin is list and args:
+        return args[0]
+    if origin is tuple and isinstance(part, int) and part < len(args) and args[-1] is not Ellipsis:
+        return args[part]
+    return None
+
+
+def _shown(value: Any) -> str:
+    return f"{_kind(value)} {value!r}"
 
 
 def _kind(value: Any) -> str:
@@ -440,41 +491,37 @@ def _kind(value: Any) -> str:
         float: "number",
         str: "string",
         list: "list",
+        tuple: "list",
         dict: "mapping",
     }.get(type(value), type(value).__name__)
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+# --------------------------------------------------------------------------------------------------
+# Which override a problem comes from
 
 
-def _to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
-    if isinstance(obj, (list, tuple)):
-        return [_to_plain(v) for v in obj]
-    if isinstance(obj, Mapping):
-        return {str(k): _to_plain(v) for k, v in obj.items()}
-    return obj
+def _command_line(override: str) -> str:
+    return f"command line ({redact_override(override)})"
 
 
-def _deep_copy(raw: Any) -> Any:
-    if isinstance(raw, Mapping):
-        return {k: _deep_copy(v) for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [_deep_copy(v) for v in raw]
-    return raw
+def _override_behind(key: str | None, file_raw: Mapping[str, Any], overrides: Sequence[str]) -> str | None:
+    """The override responsible for the value at ``key``: the last one that set ``key`` or a key above
+    it, or that created the section ``key`` lies in (a section absent from the file); None: the file."""
+    if key is None:
+        return None
+    for item in reversed(overrides):
+        anchor = _first_new_key(file_raw, item.partition("=")[0].strip())
+        if key == anchor or key.startswith((f"{anchor}.", f"{anchor}[")):
+            return item
+    return None
 
 
-def _positive(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value <= 0:
-            raise ValueError(f"{name}: expected > 0, got {value}")
-
-
-def _non_negative(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if value < 0:
-            raise ValueError(f"{name}: expected >= 0, got {value}")
+def _first_new_key(raw: Mapping[str, Any], dotted: str) -> str:
+    """The shortest prefix of ``dotted`` that ``raw`` does not hold, or ``dotted`` itself."""
+    parts = dotted.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        if not isinstance(node, Mapping) or part not in node:
+            return ".".join(parts[: i + 1])
+        node = node[part]
+    return dotted

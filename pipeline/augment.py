@@ -47,94 +47,195 @@ random parameters are always generated on the CPU (DALI argument inputs live on 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    SerializerFunctionWrapHandler,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
+from pydantic.dataclasses import dataclass
+
+#: The pydantic config of every config section, identical to ``training.config.SECTION_CONFIG``
+#: (pipeline may not import training): unknown keys are errors, each field's docstring is its
+#: description, and defaults are validated like given values.
+SECTION_CONFIG = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
 
 #: ImageNet channel statistics, the normalisation of BYOL/ReLIC (Grill et al. 2020, Appendix B).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _pair(name: str, value: Sequence[float], lo: float, hi: float | None = None) -> tuple[float, float]:
-    if len(value) != 2:
-        raise ValueError(f"ViewSpec.{name}: expected a (min, max) pair, got {value!r}")
-    a, b = float(value[0]), float(value[1])
-    if not (lo <= a <= b) or (hi is not None and b > hi):
-        bound = f"{lo} <= min <= max" + (f" <= {hi}" if hi is not None else "")
-        raise ValueError(f"ViewSpec.{name}: expected {bound}, got {value!r}")
-    return (a, b)
+def _ordered(pair: tuple[float, float]) -> tuple[float, float]:
+    if pair[0] > pair[1]:
+        raise ValueError("expected a (min, max) pair with min <= max")
+    return pair
 
 
-@dataclass(kw_only=True)
+#: A per-sample probability.
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+#: Random-resized-crop area fraction range: 0 <= min <= max <= 1 and max > 0.
+CropScale = Annotated[
+    tuple[NonNegativeFloat, Annotated[float, Field(gt=0.0, le=1.0)]], AfterValidator(_ordered)
+]
+#: A (min, max) range of positive values.
+PositiveRange = Annotated[tuple[PositiveFloat, PositiveFloat], AfterValidator(_ordered)]
+#: Colour-jitter strengths (brightness, contrast, saturation, hue), all >= 0, hue <= 0.5 turns.
+JitterStrengths = tuple[
+    NonNegativeFloat, NonNegativeFloat, NonNegativeFloat, Annotated[float, Field(ge=0.0, le=0.5)]
+]
+ChannelMeans = tuple[float, float, float]
+ChannelStds = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
+
+
+@dataclass(kw_only=True, config=SECTION_CONFIG)
 class ViewSpec:
-    """One augmented view. Probabilities are per sample; defaults are BYOL's view 1."""
+    """One augmented view. Probabilities are per sample; defaults are BYOL's view 1 (Grill et al. 2020,
+    arXiv 2006.07733, Table 6)."""
 
-    size: int = 224
+    size: PositiveInt = 224
     """Output height and width in pixels."""
-    scale: tuple[float, float] = (0.08, 1.0)
+    scale: CropScale = (0.08, 1.0)
     """Random-resized-crop area fraction range (Szegedy et al. 2015; torchvision's default)."""
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    ratio: PositiveRange = (3 / 4, 4 / 3)
     """Random-resized-crop aspect-ratio (width / height) range."""
-    flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    flip_p: Probability = 0.5
+    """Probability of a horizontal flip (BYOL: 0.5)."""
+    jitter: JitterStrengths = (0.4, 0.4, 0.2, 0.1)
     """Colour-jitter strengths (brightness, contrast, saturation, hue) with torchvision's meaning:
-    factors uniform in [1 - s, 1 + s] (clipped at 0); hue shift uniform in [-h, h] turns."""
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 1.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.0
-    mean: tuple[float, float, float] = IMAGENET_MEAN
+    factors uniform in [1 - s, 1 + s] (clipped at 0); hue shift uniform in [-h, h] turns (BYOL:
+    0.4, 0.4, 0.2, 0.1)."""
+    jitter_p: Probability = 0.8
+    """Probability of the colour jitter (BYOL: 0.8)."""
+    grayscale_p: Probability = 0.2
+    """Probability of converting to grayscale, after the jitter (BYOL: 0.2)."""
+    blur_p: Probability = 1.0
+    """Probability of the Gaussian blur (BYOL: 1.0 for view 1, 0.1 for view 2)."""
+    blur_sigma: PositiveRange = (0.1, 2.0)
+    """Range of the blur's sigma in pixels, drawn uniformly (BYOL: [0.1, 2.0])."""
+    solarize_p: Probability = 0.0
+    """Probability of solarizing (BYOL: 0.0 for view 1, 0.2 for view 2)."""
+    mean: ChannelMeans = IMAGENET_MEAN
     """Per-channel mean of [0, 1] pixel values, subtracted before dividing by ``std``."""
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        if int(self.size) != self.size or self.size < 1:
-            raise ValueError(f"ViewSpec.size: expected a positive integer, got {self.size!r}")
-        self.size = int(self.size)
-        self.scale = _pair("scale", self.scale, 0.0, 1.0)
-        if self.scale[1] <= 0:
-            raise ValueError(f"ViewSpec.scale: expected max > 0, got {self.scale!r}")
-        self.ratio = _pair("ratio", self.ratio, 1e-6)
-        self.blur_sigma = _pair("blur_sigma", self.blur_sigma, 1e-6)
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-            p = getattr(self, name)
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"ViewSpec.{name}: expected a probability in [0, 1], got {p!r}")
-        if len(self.jitter) != 4 or any(s < 0 for s in self.jitter) or self.jitter[3] > 0.5:
-            raise ValueError(
-                "ViewSpec.jitter: expected (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, "
-                f"got {self.jitter!r}"
-            )
-        for name in ("mean", "std"):
-            v = getattr(self, name)
-            if len(v) != 3 or (name == "std" and any(s <= 0 for s in v)):
-                raise ValueError(f"ViewSpec.{name}: expected 3 channel values (std > 0), got {v!r}")
-        self.jitter = tuple(float(s) for s in self.jitter)  # type: ignore[assignment]
-        self.mean = tuple(float(s) for s in self.mean)  # type: ignore[assignment]
-        self.std = tuple(float(s) for s in self.std)  # type: ignore[assignment]
+    std: ChannelStds = IMAGENET_STD
+    """Per-channel standard deviation of [0, 1] pixel values (> 0)."""
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, config=SECTION_CONFIG)
 class ViewRecipe:
     """The views of one training sample; the first ``num_large`` are the large (target) views."""
 
-    views: list[ViewSpec] = field(default_factory=list)
-    num_large: int = 2
+    views: Annotated[list[ViewSpec], Field(min_length=1)]
+    """Every view of a sample, the large views first."""
+    num_large: PositiveInt = 2
+    """Number of large views, at most the number of views."""
 
-    def __post_init__(self) -> None:
-        self.views = list(self.views)
-        if not self.views:
-            raise ValueError("ViewRecipe.views: expected at least one ViewSpec, got none")
-        if not 1 <= self.num_large <= len(self.views):
-            raise ValueError(
-                f"ViewRecipe.num_large: expected 1..{len(self.views)} (the number of views), got {self.num_large}"
-            )
+    @field_validator("num_large")
+    @classmethod
+    def _at_most_the_views(cls, num_large: int, info: ValidationInfo) -> int:
+        views = info.data.get("views")
+        if views is not None and num_large > len(views):
+            raise ValueError(f"expected 1..{len(views)} (the number of views)")
+        return num_large
 
     @property
     def sizes(self) -> list[int]:
         return [v.size for v in self.views]
+
+
+PresetName = Literal["relic", "relicv2", "demo"]
+PRESETS: tuple[str, ...] = get_args(PresetName)
+
+_Value = TypeVar("_Value")
+
+
+def _list_is_per_view(value: Any) -> str:
+    return "per view" if isinstance(value, list) else "every view"
+
+
+def _list_of_sequences_is_per_view(value: Any) -> str:
+    per_view = isinstance(value, list) and all(isinstance(v, (list, tuple)) for v in value)
+    return "per view" if per_view else "every view"
+
+
+#: A preset option applied to every view (one value) or per view (a list with one value per view).
+OneOrPerView = Annotated[
+    Annotated[_Value, Tag("every view")] | Annotated[list[_Value], Tag("per view")],
+    Discriminator(_list_is_per_view),
+]
+#: The same for options whose value is itself a sequence (``scale: [0.2, 1.0]`` is one pair for every
+#: view; ``scale: [[0.2, 1.0], [0.05, 0.2]]`` one pair per view).
+SequenceOrPerView = Annotated[
+    Annotated[_Value, Tag("every view")] | Annotated[list[_Value], Tag("per view")],
+    Discriminator(_list_of_sequences_is_per_view),
+]
+
+
+@dataclass(kw_only=True, config=SECTION_CONFIG)
+class PresetOptions:
+    """Overrides of a :func:`preset`; an option left at None keeps the preset's value.
+
+    Every :class:`ViewSpec` field but ``size`` is an option too, applied to every view when given one
+    value, or per view when given a list with one value per view (e.g. ``blur_p=[1.0, 0.5]``).
+    """
+
+    num_small: NonNegativeInt | None = None
+    """Number of small crops of ``relicv2`` (default 4); the other presets have none (0 only)."""
+    size: PositiveInt | None = None
+    """Side of the large views in pixels (relic, relicv2: 224; demo: 32)."""
+    small_size: PositiveInt | None = None
+    """Side of ``relicv2``'s small crops in pixels (default 96); the other presets ignore it."""
+    num_large: PositiveInt | None = None
+    """Number of large (target) views, the first ones (default 2)."""
+    scale: SequenceOrPerView[CropScale] | None = None
+    """:attr:`ViewSpec.scale`."""
+    ratio: SequenceOrPerView[PositiveRange] | None = None
+    """:attr:`ViewSpec.ratio`."""
+    flip_p: OneOrPerView[Probability] | None = None
+    """:attr:`ViewSpec.flip_p`."""
+    jitter: SequenceOrPerView[JitterStrengths] | None = None
+    """:attr:`ViewSpec.jitter`."""
+    jitter_p: OneOrPerView[Probability] | None = None
+    """:attr:`ViewSpec.jitter_p`."""
+    grayscale_p: OneOrPerView[Probability] | None = None
+    """:attr:`ViewSpec.grayscale_p`."""
+    blur_p: OneOrPerView[Probability] | None = None
+    """:attr:`ViewSpec.blur_p`."""
+    blur_sigma: SequenceOrPerView[PositiveRange] | None = None
+    """:attr:`ViewSpec.blur_sigma`."""
+    solarize_p: OneOrPerView[Probability] | None = None
+    """:attr:`ViewSpec.solarize_p`."""
+    mean: SequenceOrPerView[ChannelMeans] | None = None
+    """:attr:`ViewSpec.mean`."""
+    std: SequenceOrPerView[ChannelStds] | None = None
+    """:attr:`ViewSpec.std`."""
+
+    @model_serializer(mode="wrap")
+    def _given_options_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {name: value for name, value in handler(self).items() if value is not None}
+
+
+class PresetError(ValueError):
+    """Options that do not fit the chosen preset; ``option`` names the :class:`PresetOptions` field."""
+
+    def __init__(self, message: str, *, option: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+#: The PresetOptions that set a ViewSpec field of each view.
+_VIEW_OPTIONS = tuple(f.name for f in dataclasses.fields(ViewSpec) if f.name != "size")
 
 
 def _byol_pair(size: int, scale: tuple[float, float] = (0.08, 1.0)) -> list[ViewSpec]:
@@ -147,8 +248,30 @@ def _byol_pair(size: int, scale: tuple[float, float] = (0.08, 1.0)) -> list[View
     ]
 
 
-def preset(name: str, **overrides: Any) -> ViewRecipe:
-    """A named recipe, with optional overrides.
+def _preset_views(name: str, options: PresetOptions) -> list[ViewSpec]:
+    if name not in PRESETS:
+        expected = ", ".join(repr(p) for p in PRESETS)
+        raise ValueError(f"unknown view preset {name!r}: expected one of {expected}")
+    if name == "relicv2":
+        small = ViewSpec(size=options.small_size or 96, scale=(0.05, 0.14), blur_p=0.5, solarize_p=0.0)
+        num_small = 4 if options.num_small is None else options.num_small
+        return _byol_pair(options.size or 224, scale=(0.14, 1.0)) + [small] * num_small
+    if options.num_small:
+        raise PresetError(
+            f"preset {name!r}: num_small is a relicv2 option, got num_small={options.num_small}",
+            option="num_small",
+        )
+    if name == "relic":
+        return _byol_pair(options.size or 224)
+    return [
+        dataclasses.replace(v, scale=(0.4, 1.0), flip_p=0.0, blur_sigma=(0.1, 1.0))
+        for v in _byol_pair(options.size or 32)
+    ]
+
+
+def preset(name: str, options: PresetOptions | None = None, **overrides: Any) -> ViewRecipe:
+    """A named recipe, changed by ``options`` or, equivalently, by keyword ``overrides`` (the fields of
+    :class:`PresetOptions`: ``preset("relic", size=64)`` is ``preset("relic", PresetOptions(size=64))``).
 
     - ``relic``: two 224 views with BYOL's asymmetric augmentation (ReLIC, Mitrovic et al. 2021,
       arXiv 2010.07922, uses BYOL's augmentations; Grill et al. 2020, Table 6).
@@ -161,47 +284,37 @@ def preset(name: str, **overrides: Any) -> ViewRecipe:
     - ``demo``: two 32x32 views for the CPU demo on digits: crops keep at least 40% of the area, no
       flip (digits are not mirror symmetric), blur sigma scaled to the small image.
 
-    Overrides: ``num_small`` (relicv2), ``size`` (the large views), ``small_size`` (the small views),
-    ``num_large``; any other :class:`ViewSpec` field applies to every view, or per view when given as
-    a list with one value per view (e.g. ``blur_p=[1.0, 0.5]``).
+    Raises ``ValueError`` for an unknown preset, ``pydantic.ValidationError`` for a bad override and
+    :class:`PresetError` for options that do not fit the preset (``num_small`` outside relicv2, a
+    per-view list whose length is not the number of views, more large views than views).
     """
-    num_small = overrides.pop("num_small", 4 if name == "relicv2" else 0)
-    if name == "relic":
-        if num_small:
-            raise ValueError(f"preset 'relic': num_small is a relicv2 option, got num_small={num_small}")
-        views = _byol_pair(overrides.pop("size", 224))
-    elif name == "relicv2":
-        views = _byol_pair(overrides.pop("size", 224), scale=(0.14, 1.0))
-        small = overrides.pop("small_size", 96)
-        views += [
-            ViewSpec(size=small, scale=(0.05, 0.14), blur_p=0.5, solarize_p=0.0)
-            for _ in range(int(num_small))
-        ]
-    elif name == "demo":
-        if num_small:
-            raise ValueError(f"preset 'demo': num_small is a relicv2 option, got num_small={num_small}")
-        size = overrides.pop("size", 32)
-        views = [
-            dataclasses.replace(v, scale=(0.4, 1.0), flip_p=0.0, blur_sigma=(0.1, 1.0))
-            for v in _byol_pair(size)
-        ]
-    else:
-        raise ValueError(f"unknown view preset {name!r}: expected one of 'relic', 'relicv2', 'demo'")
-    num_large = overrides.pop("num_large", 2)
-    overrides.pop("small_size", None)
-    names = {f.name for f in dataclasses.fields(ViewSpec)}
-    for key, value in overrides.items():
-        if key not in names:
-            raise ValueError(f"preset {name!r}: unknown override {key!r}; expected one of {sorted(names)}")
-        if isinstance(value, list):
-            if len(value) != len(views):
-                raise ValueError(
-                    f"preset {name!r}: override {key!r} lists {len(value)} values for {len(views)} views"
-                )
-            views = [dataclasses.replace(v, **{key: x}) for v, x in zip(views, value)]
-        else:
-            views = [dataclasses.replace(v, **{key: value}) for v in views]
-    return ViewRecipe(views=views, num_large=num_large)
+    if options is None:
+        options = PresetOptions(**overrides)
+    elif overrides:
+        raise TypeError("preset: give options or keyword overrides, not both")
+    views = _preset_views(name, options)
+    changes: list[dict[str, Any]] = [{} for _ in views]
+    for option in _VIEW_OPTIONS:
+        value = getattr(options, option)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value] * len(views)
+        if len(values) != len(views):
+            raise PresetError(
+                f"preset {name!r}: option {option!r} lists {len(values)} values for {len(views)} views",
+                option=option,
+            )
+        for change, v in zip(changes, values):
+            change[option] = v
+    num_large = 2 if options.num_large is None else options.num_large
+    if num_large > len(views):
+        raise PresetError(
+            f"preset {name!r}: num_large={num_large}, expected at most {len(views)} (the number of views)",
+            option="num_large",
+        )
+    return ViewRecipe(
+        views=[dataclasses.replace(v, **change) for v, change in zip(views, changes)], num_large=num_large
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -394,6 +507,10 @@ def derive_seed(*parts: int) -> int:
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "PRESETS",
+    "PresetError",
+    "PresetName",
+    "PresetOptions",
     "ViewRecipe",
     "ViewSpec",
     "build_pipeline",

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cluster.config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, load_config
+import training.config as training_config
+from cluster.config import (
+    REDACTED,
+    ConfigError,
+    ExperimentConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+)
+from pipeline import augment
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = Path(__file__).with_name("tiny.yaml")
@@ -45,13 +55,31 @@ def test_paper_recipes(path):
 def test_relicv2_recipe_has_small_crops():
     cfg = load_config(PAPER_CONFIGS[1])
     assert cfg.views.preset == "relicv2"
-    assert cfg.views.options.get("num_small", 0) > 0
+    assert cfg.views.options.num_small > 0
+    assert len(cfg.views.recipe().views) == 2 + cfg.views.options.num_small
 
 
-def test_round_trip_through_yaml():
-    cfg = load_config(TINY, ["data.train=/x"])
+@pytest.mark.parametrize(
+    ("path", "overrides"),
+    [
+        (TINY, []),
+        (
+            PAPER_CONFIGS[1],
+            ["views.options.blur_p=[1.0, 0.1, 0.5, 0.5, 0.5, 0.5]", "views.options.scale=[0.2, 1.0]"],
+        ),
+        (PAPER_CONFIGS[0], ["views.options.scale=[[0.2, 1.0], [0.3, 1.0]]", "optim.grad_clip=1.0"]),
+    ],
+    ids=["tiny", "relicv2-options", "relic-per-view"],
+)
+def test_round_trip_through_yaml(path, overrides):
+    cfg = load_config(path, ["data.train=/x", *overrides])
     again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
+    # options left to the preset are not written out
+    options = cfg.views.options
+    assert set(yaml.safe_load(cfg.to_yaml())["views"]["options"]) == {
+        f.name for f in dataclasses.fields(options) if getattr(options, f.name) is not None
+    }
 
 
 def test_override_values_are_parsed_as_yaml():
@@ -85,6 +113,20 @@ def test_overrides_do_not_mutate_the_input():
         ),
         (["scaling=3"], "scaling", ["mapping", "3"]),
         (["run.max_steps=0"], "run.max_steps", ["0"]),
+        (["views.options.size=abc"], "views.options.size", ["'abc'", "integer"]),
+        (["views.options.bogus=1"], "views.options.bogus", ["unknown key", "num_small", "blur_p"]),
+        (["views.options.blur_p=[0.5, 2]"], "views.options.blur_p[1]", ["2", "<= 1"]),
+        (["views.options.blur_p=[1.0, 0.1, 0.5]"], "views.options.blur_p", ["3 values for 2 views"]),
+        (["views.options.num_small=2"], "views.options.num_small", ["relicv2 option", "2"]),
+        (["views.options.scale=[0.2, 1.0, 0.5]"], "views.options.scale", ["[0.2, 1.0, 0.5]", "at most 2"]),
+        (["schedule.epochs=2", "schedule.warmup_epochs=3"], "schedule.warmup_epochs", ["3", "epochs=2"]),
+        (
+            ["objective.base_momentum=0.99", "objective.final_momentum=0.9"],
+            "objective.final_momentum",
+            ["0.9", ">= base_momentum (0.99)"],
+        ),
+        (["scaling.backend=nccl"], "scaling.backend", ["'nccl'", "use_gpu"]),
+        (["scaling.env_vars.OMP_NUM_THREADS=4"], "scaling.env_vars.OMP_NUM_THREADS", ["4", "a string"]),
     ],
 )
 def test_bad_values_name_key_value_and_expectation(overrides, key, fragments):
@@ -95,6 +137,64 @@ def test_bad_values_name_key_value_and_expectation(overrides, key, fragments):
     assert key in message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def test_override_errors_name_the_command_line_and_file_errors_the_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["data.train=/x", "optim.base_lr=-1"])
+    assert (info.value.key, info.value.source) == ("optim.base_lr", "command line (optim.base_lr=-1)")
+    assert str(info.value).startswith("command line (optim.base_lr=-1): optim.base_lr: got integer -1")
+    # a key created by an override is blamed on it, however deep the problem lies
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["data.train=/x", "bogus.x=1"])
+    assert (info.value.key, info.value.source) == ("bogus", "command line (bogus.x=1)")
+    # the last override of a key is the one in effect
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["data.train=/x", "optim.base_lr=-1", "optim.base_lr=-2"])
+    assert info.value.source == "command line (optim.base_lr=-2)"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("base_lr: 0.05", "base_lr: -1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(bad, ["data.train=/x", "optim.weight_decay=0.0"])
+    assert (info.value.key, info.value.source) == ("optim.base_lr", str(bad))
+
+
+SECRETS = {
+    "WANDB_API_KEY": "wandb-secret-1",
+    "HF_TOKEN": "hf-secret-2",
+    "DB_PASSWORD": "db-secret-3",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-4",
+    "AWS_ACCESS_KEY_ID": "aws-id-5",
+}
+
+
+def test_secrets_are_redacted_where_shown_and_kept_for_the_workers():
+    env = {**SECRETS, "NCCL_SOCKET_IFNAME": "eth0"}
+    cfg = config_from_dict(minimal(scaling={"env_vars": env}))
+    text = cfg.to_yaml()
+    shown = cfg.to_dict()["scaling"]["env_vars"]
+    for secret in SECRETS.values():
+        assert secret not in text and secret not in str(cfg.to_dict())
+    assert shown == {**dict.fromkeys(SECRETS, REDACTED), "NCCL_SOCKET_IFNAME": "eth0"}
+    assert yaml.safe_load(text)["scaling"]["env_vars"] == shown
+    # the workers' form keeps the real values and rebuilds the same config
+    assert cfg.to_dict(redact=False)["scaling"]["env_vars"] == env
+    assert config_from_dict(cfg.to_dict(redact=False)) == cfg
+    # a stored (redacted) config still loads, e.g. from a checkpoint
+    assert config_from_dict(yaml.safe_load(text)).scaling.env_vars["HF_TOKEN"] == REDACTED
+
+
+def test_secrets_are_redacted_in_errors():
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["data.train=/x", "scaling.env_vars.HF_TOKEN=[hf-secret-2]"])
+    assert info.value.key == "scaling.env_vars.HF_TOKEN"
+    assert "hf-secret-2" not in str(info.value)
+    assert info.value.source == "command line (scaling.env_vars.HF_TOKEN=***)"
+
+
+def test_one_section_convention_everywhere():
+    assert augment.SECTION_CONFIG == training_config.SECTION_CONFIG
+    assert ExperimentConfig.__pydantic_fields__["run"].description
 
 
 def test_training_section_validation_is_reported_with_the_section_key():

@@ -3,14 +3,16 @@ per-op firing rates against their configured probabilities, and seeding."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
-from pipeline.augment import ViewRecipe, ViewSpec, build_pipeline, preset
+from pipeline.augment import PresetError, PresetOptions, ViewRecipe, ViewSpec, build_pipeline, preset
 
 # A 32x32 test card: left half (200, 60, 20), right half (40, 140, 230). Every op leaves a trace:
 # flip swaps the halves, grayscale equalises channels, solarize maps 200 -> 55, blur softens the
@@ -78,19 +80,59 @@ def test_preset_overrides_and_errors():
     r = preset("relic", size=64, blur_p=[0.5, 0.0], grayscale_p=0.0)
     assert r.sizes == [64, 64] and [v.blur_p for v in r.views] == [0.5, 0.0]
     assert all(v.grayscale_p == 0.0 for v in r.views)
+    assert preset("relic", PresetOptions(size=64, blur_p=[0.5, 0.0], grayscale_p=0.0)) == r
     assert preset("relicv2", num_small=2, small_size=48).sizes == [224, 224, 48, 48]
     with pytest.raises(ValueError, match="blurp"):
         preset("relic", blurp=0.1)
     with pytest.raises(ValueError, match="unknown view preset"):
         preset("simclr")
-    with pytest.raises(ValueError, match="2 values for 3 views"):
+    with pytest.raises(PresetError, match="2 values for 3 views") as info:
         preset("relicv2", num_small=1, blur_p=[1.0, 0.1])
-    with pytest.raises(ValueError, match=r"ViewSpec\.grayscale_p"):
-        ViewSpec(grayscale_p=1.5)
-    with pytest.raises(ValueError, match=r"ViewSpec\.scale"):
-        ViewSpec(scale=(0.5, 0.1))
-    with pytest.raises(ValueError, match="num_large"):
-        ViewRecipe(views=[ViewSpec()], num_large=2)
+    assert info.value.option == "blur_p"
+    with pytest.raises(PresetError, match="num_small is a relicv2 option") as info:
+        preset("demo", num_small=2)
+    assert info.value.option == "num_small"
+    with pytest.raises(PresetError, match="num_large=3") as info:
+        preset("relic", num_large=3)
+    assert info.value.option == "num_large"
+    with pytest.raises(TypeError, match="not both"):
+        preset("relic", PresetOptions(size=64), blur_p=0.5)
+
+
+def test_sequence_options_take_one_value_or_one_per_view():
+    one = preset("relic", scale=[0.2, 1.0])
+    assert [v.scale for v in one.views] == [(0.2, 1.0), (0.2, 1.0)]
+    each = preset("relic", scale=[[0.2, 1.0], [0.3, 0.9]], jitter=(0.1, 0.1, 0.1, 0.0))
+    assert [v.scale for v in each.views] == [(0.2, 1.0), (0.3, 0.9)]
+    assert [v.jitter for v in each.views] == [(0.1, 0.1, 0.1, 0.0)] * 2
+
+
+@pytest.mark.parametrize(
+    ("build", "loc", "value", "expected"),
+    [
+        (lambda: ViewSpec(grayscale_p=1.5), ("grayscale_p",), 1.5, "less than or equal to 1"),
+        (lambda: ViewSpec(scale=(0.5, 0.1)), ("scale",), (0.5, 0.1), "min <= max"),
+        (lambda: ViewSpec(jitter=(0.4, 0.4, 0.2, 0.6)), ("jitter", 3), 0.6, "less than or equal to 0.5"),
+        (lambda: ViewRecipe(views=[ViewSpec()], num_large=2), ("num_large",), 2, "1..1"),
+        (lambda: PresetOptions(size="abc"), ("size",), "abc", "valid integer"),
+        (lambda: PresetOptions(blur_p=[0.5, 2.0]), ("blur_p", "per view", 1), 2.0, "less than or equal to 1"),
+    ],
+)
+def test_bad_values_name_field_value_and_expectation(build, loc, value, expected):
+    with pytest.raises(ValidationError) as info:
+        build()
+    error = info.value.errors()[0]
+    assert (error["loc"], error["input"]) == (loc, value)
+    assert expected in error["msg"], error["msg"]
+
+
+def test_every_view_field_is_a_preset_option():
+    options = {f.name for f in dataclasses.fields(PresetOptions)}
+    assert options == {f.name for f in dataclasses.fields(ViewSpec)} | {
+        "num_small",
+        "small_size",
+        "num_large",
+    }
 
 
 def test_single_ops_match_numpy():
