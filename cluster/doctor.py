@@ -38,7 +38,6 @@ CUDA_MAJOR_REQUIRED = 13  # torch 2.14.1+cu130, nvidia-dali-cuda130
 DRIVER_FIX = "install NVIDIA driver >= 580 (CUDA 13.0)"
 MIN_COMPUTE_CAPABILITY = (7, 5)
 SHM_MIN_BYTES = 1 << 30
-TAR_MAGIC_OFFSET = 257  # POSIX ustar header: "ustar" at byte 257 of every member header
 
 # The packages whose versions the doctor reports one per line (distribution name, import name).
 REPORTED_PACKAGES = (
@@ -445,6 +444,7 @@ def check_storage(url: str, endpoint_url: str | None, timeout: float) -> list[Ch
     and read: loads ``manifest.json`` when there is one and reads the first shard's first tar header."""
     from pipeline import storage
     from pipeline.shards import manifest as manifest_mod
+    from pipeline.shards.index import is_shard_name
 
     name = "storage"
     extra = {}
@@ -464,13 +464,13 @@ def check_storage(url: str, endpoint_url: str | None, timeout: float) -> list[Ch
             entries = fs.ls(path, detail=False)
             names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
             if manifest_mod.MANIFEST_NAME not in names:
-                tars = sum(n.endswith(".tar") for n in names)
+                tars = sum(is_shard_name(n) for n in names)
                 if tars:
                     return [
                         Check(
                             name,
                             WARN,
-                            f"{where}: {tars} .tar files but no {manifest_mod.MANIFEST_NAME}",
+                            f"{where}: {tars} shards but no {manifest_mod.MANIFEST_NAME}",
                             f"relic shards index {url}",
                         )
                     ]
@@ -534,7 +534,7 @@ def _missing(fs, path: str, url: str, where: str) -> Check:
 
 
 def _check_shards(manifest_url: str, opts: dict, where: str) -> Check:
-    from pipeline import storage
+    from pipeline.shards.format import TarFormatError, first_samples
     from pipeline.shards.manifest import load_manifest
 
     try:
@@ -548,19 +548,20 @@ def _check_shards(manifest_url: str, opts: dict, where: str) -> Check:
         return Check("storage", WARN, summary, "the manifest lists no shards: rebuild them")
     first = manifest.shard_url(0)
     try:
-        with storage.open_url(first, "rb", opts) as f:
-            header = f.read(512)
+        found = first_samples(first, 1, opts)
     except FileNotFoundError:
         return Check(
             "storage", FAIL, f"{summary}; first shard {first} is missing", "rebuild or re-upload the shards"
         )
-    if header[TAR_MAGIC_OFFSET : TAR_MAGIC_OFFSET + 5] != b"ustar":
+    except TarFormatError as e:
         return Check(
             "storage",
             FAIL,
-            f"{summary}; {first} is not a tar file",
+            f"{summary}; {first} is not a tar file, or a damaged one ({e})",
             f"relic shards verify {where.split()[0]}",
         )
+    if not found:
+        return Check("storage", FAIL, f"{summary}; {first} holds no sample", "rebuild or re-index the shards")
     return Check("storage", OK, f"{summary}; first shard readable")
 
 

@@ -8,7 +8,6 @@ tar order, and a sample without an image or a readable label is an error that na
 from __future__ import annotations
 
 import io
-import tarfile
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from PIL import Image
 
 from pipeline import storage
+from pipeline.shards.format import image_member, samples, tar_members
 from pipeline.shards.manifest import load_manifest
 
 
@@ -43,58 +43,48 @@ def load_labelled_images(
     Shards are read in manifest order, samples in tar order (deterministic, no shuffling, no
     padding); ``max_samples`` keeps the first N. Images are decoded with PIL as RGB and, when ``size``
     is given, resized (shorter side) and centre-cropped to it; without ``size`` all images must have
-    the same size. Samples without a readable label raise ``ValueError`` naming the shard and key.
+    the same size. A sample without an image or a readable label raises ``ValueError`` naming the
+    shard and key, as does a shard holding fewer samples than its manifest lists.
     """
-    from pipeline.reader import parse_label
-
     manifest = load_manifest(url, storage_options)
     if not manifest.has_labels:
         raise ValueError(
             f"{manifest.url}: the shards carry no labels (label_ext is null); evaluation needs labels"
         )
-    image_exts = {"jpg", "jpeg"} if manifest.image_ext in ("jpg", "jpeg") else {manifest.image_ext}
+    rule = manifest.labels
+    read = {"jpg", "jpeg", manifest.image_ext, rule.ext}
     images: list[np.ndarray] = []
     labels: list[int] = []
-    for i in range(len(manifest.shards)):
+    for i, info in enumerate(manifest.shards):
         shard = manifest.shard_url(i)
-        samples: dict[str, dict[str, bytes]] = {}
-        order: list[str] = []
-        with storage.open_url(shard, "rb", storage_options) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                if ext not in image_exts and ext != manifest.label_ext:
-                    continue
-                data = tar.extractfile(member).read()
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                samples[key][ext] = data
-        for key in order:
-            parts = samples[key]
-            image = next((parts[e] for e in image_exts if e in parts), None)
-            if image is None:
-                raise ValueError(f"{shard}: sample {key!r} has no image ({'/'.join(sorted(image_exts))})")
-            label = parse_label(parts.get(manifest.label_ext), manifest)
-            if label is None or label < 0:
-                raise ValueError(f"{shard}: sample {key!r} has no readable .{manifest.label_ext} label")
-            with Image.open(io.BytesIO(image)) as img:
-                rgb = img.convert("RGB")
-            if size is not None:
-                rgb = _resize_center_crop(rgb, size)
-            arr = np.asarray(rgb, dtype=np.uint8)
-            if images and arr.shape != images[0].shape:
-                raise ValueError(
-                    f"{shard}: sample {key!r} is {arr.shape[1]}x{arr.shape[0]}, earlier samples "
-                    f"{images[0].shape[1]}x{images[0].shape[0]}; pass size= to resize"
-                )
-            images.append(arr)
-            labels.append(label)
-            if max_samples is not None and len(images) >= max_samples:
-                break
+        found = 0
+        with storage.open_stream(shard, storage_options) as f:
+            for sample in samples(tar_members(f), read, shard=shard):
+                found += 1
+                ext = image_member(sample.parts, manifest.image_ext)
+                if ext is None:
+                    raise ValueError(f"{shard}: sample {sample.key!r} has no .{manifest.image_ext} image")
+                label = rule.parse(sample.parts)
+                if label is None or label < 0:
+                    raise ValueError(f"{shard}: sample {sample.key!r} has no readable .{rule.ext} label")
+                with Image.open(io.BytesIO(sample.parts[ext])) as img:
+                    rgb = img.convert("RGB")
+                if size is not None:
+                    rgb = _resize_center_crop(rgb, size)
+                arr = np.asarray(rgb, dtype=np.uint8)
+                if images and arr.shape != images[0].shape:
+                    raise ValueError(
+                        f"{shard}: sample {sample.key!r} is {arr.shape[1]}x{arr.shape[0]}, earlier samples "
+                        f"{images[0].shape[1]}x{images[0].shape[0]}; pass size= to resize"
+                    )
+                images.append(arr)
+                labels.append(label)
+                if max_samples is not None and len(images) >= max_samples:
+                    break
         if max_samples is not None and len(images) >= max_samples:
             break
+        if found != info.samples:
+            raise ValueError(f"{shard}: {found} samples in the tar, the manifest lists {info.samples}")
     if not images:
         raise ValueError(f"{manifest.url}: no samples")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()

@@ -7,16 +7,15 @@ crop, flip, colour jitter (random order, with probability), grayscale, Gaussian 
 normalise. The blur kernel is ``2 * ceil(3 * sigma_max) + 1`` taps, DALI's default window at the
 largest sigma (BYOL uses 23 taps at 224 px; the Gaussian beyond 3 sigma is below 0.5 %).
 
-Reading: the shards listed in the manifest, streamed with the ``webdataset`` library, split across
-DataLoader workers by shard (``webdataset.split_by_worker``), images decoded by Pillow
-(libjpeg-turbo), as torchvision's own ImageNet recipes do (``torchvision.io``'s decoders are
-deprecated since 0.29).
+Reading: the shards listed in the manifest, in order, split across DataLoader workers by shard
+(worker ``w`` of ``W`` reads shards ``w, w + W, ...``), parsed by the shard format's own reader
+(:mod:`pipeline.shards.format`); images decoded by Pillow (libjpeg-turbo), as torchvision's own
+ImageNet recipes do (``torchvision.io``'s decoders are deprecated since 0.29).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -67,14 +66,6 @@ class RecipeTransform:
         return [t(image) for t in self.transforms]
 
 
-def _label(value: bytes | None, label_ext: str | None, label_key: str | None) -> int:
-    if value is None or label_ext is None:
-        return -1
-    if label_ext == "json":
-        return int(json.loads(value)[label_key or "label"])
-    return int(value.decode().strip())
-
-
 class ShardViews(torch.utils.data.IterableDataset):
     """(views, label) per sample of the manifest's shards, split across DataLoader workers by shard."""
 
@@ -83,21 +74,28 @@ class ShardViews(torch.utils.data.IterableDataset):
 
         super().__init__()
         self.manifest = load_manifest(manifest_url, storage_options)
-        self.urls = [self.manifest.shard_url(i) for i in range(len(self.manifest.shards))]
+        self.storage_options = storage_options
         self.recipe = recipe
         self.seed = seed
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], int]]:
-        import webdataset as wds
+        from pipeline import storage
+        from pipeline.shards.format import image_member, samples, tar_members
 
         info = torch.utils.data.get_worker_info()
-        torch.manual_seed(self.seed * 1000 + (info.id if info else 0))
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        torch.manual_seed(self.seed * 1000 + worker)
         m = self.manifest
+        rule = m.labels
+        read = {"jpg", "jpeg", m.image_ext} | ({rule.ext} if rule.ext else set())
         transform = RecipeTransform(self.recipe)
-        dataset = wds.WebDataset(self.urls, shardshuffle=False, nodesplitter=None, empty_check=False)
-        for sample in dataset:
-            label = _label(sample.get(m.label_ext) if m.label_ext else None, m.label_ext, m.label_key)
-            yield transform(sample[m.image_ext]), label
+        for shard in range(worker, len(m.shards), workers):
+            with storage.open_stream(m.shard_url(shard), self.storage_options) as f:
+                for sample in samples(tar_members(f), read, shard=m.shards[shard].name):
+                    ext = image_member(sample.parts, m.image_ext)
+                    if ext is not None:
+                        label = rule.parse(sample.parts)
+                        yield transform(sample.parts[ext]), -1 if label is None else label
 
 
 def _collate(items: list[tuple[list[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:

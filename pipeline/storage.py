@@ -9,8 +9,10 @@ region) that fsspec passes to the filesystem constructor. ``RELIC_S3_ENDPOINT_UR
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import uuid
 from typing import Any
 
 import fsspec
@@ -69,6 +71,38 @@ def open_url(url: str, mode: str = "rb", options: dict[str, Any] | None = None):
     return fs.open(path, mode)
 
 
+def write_atomic(url: str, payload: bytes, options: dict[str, Any] | None = None) -> None:
+    """Write ``payload`` so that ``url`` is either absent (or its old content) or complete: locally a
+    temporary name in the same directory, then ``os.replace``; on object stores one whole PUT."""
+    fs, path = filesystem(url, options)
+    if is_remote(url):
+        fs.pipe_file(path, payload)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def publish_file(local_path: str, url: str, options: dict[str, Any] | None = None) -> None:
+    """Move the finished local file ``local_path`` to ``url`` atomically (a rename on the same disk,
+    one whole-object upload to a store); the local file is gone afterwards either way."""
+    if not is_remote(url):
+        os.replace(local_path, url)
+        return
+    fs, path = filesystem(url, options)
+    try:
+        fs.put_file(local_path, path)
+    finally:
+        os.unlink(local_path)
+
+
 def join(base: str, *names: str) -> str:
     """Join path components onto a local path or URL (``s3://b/p`` + ``x`` -> ``s3://b/p/x``)."""
     if "://" in base:
@@ -84,40 +118,47 @@ def dirname(url: str) -> str:
     return os.path.dirname(os.path.abspath(url))
 
 
-# --- webdataset opener (reader engineer; additive) -------------------------------------------------
+REMOTE_BLOCK_SIZE = 8 << 20
+"""Read-ahead block of streams over remote files: bounded memory, few round trips."""
+
+
+def open_stream(url: str, options: dict[str, Any] | None = None):
+    """A file object for reading ``url`` front to back (shards): remote files with an
+    ``REMOTE_BLOCK_SIZE`` read-ahead buffer, local files as they are; both seekable."""
+    if "://" not in url:
+        return open(url, "rb")
+    fs, path = filesystem(url, options)
+    if not is_remote(url):
+        return fs.open(path, "rb")
+    return fs.open(path, "rb", block_size=REMOTE_BLOCK_SIZE, cache_type="readahead")
+
+
 # webdataset opens shards with ``webdataset.gopen.gopen(url, mode, bufsize, **kw)``, which dispatches on
 # the URL scheme through the module-level table ``gopen_schemes`` and forwards ``**kw`` to the handler
-# (webdataset 1.0.2, gopen.py). Plain paths and file:// never reach the table. Registering a handler for
-# "s3" (and any other fsspec protocol) makes every webdataset pipeline stream those URLs through fsspec.
-
-REMOTE_BLOCK_SIZE = 8 << 20  # read-ahead block for remote shards: bounded memory, few round trips
+# (webdataset 1.0.2, gopen.py). Plain paths and file:// never reach the table.
 _wds_default_options: dict[str, dict[str, Any]] = {}
 
 
 def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, storage_options=None, **kw: Any):
-    """webdataset ``gopen`` handler: open ``url`` through fsspec, streaming with bounded read-ahead.
-
-    ``storage_options`` passed to ``gopen`` win over those given to :func:`register_webdataset_opener`.
-    """
+    """webdataset ``gopen`` handler: ``open_stream`` for reading, fsspec's ``open`` for writing.
+    ``storage_options`` passed to ``gopen`` win over those given to ``register_webdataset_opener``."""
     opts = storage_options if storage_options is not None else _wds_default_options.get(protocol(url), {})
-    fs, path = filesystem(url, opts)
     if mode.startswith("r"):
-        return fs.open(path, mode, block_size=REMOTE_BLOCK_SIZE, cache_type="readahead")
-    return fs.open(path, mode)
+        return open_stream(url, opts)
+    return open_url(url, mode, opts)
 
 
 def register_webdataset_opener(
     options: dict[str, Any] | None = None, protocols: tuple[str, ...] = ("s3",)
 ) -> None:
-    """Make webdataset open ``protocols`` URLs (default s3://) through fsspec with ``options``.
-
-    Idempotent; a later call replaces the default options of the protocols it names. Any fsspec
-    protocol works (``gs``, ``az``, ``memory``...), given its fsspec backend is installed.
-    """
+    """Make users' own webdataset pipelines open ``protocols`` URLs (default s3://) through fsspec
+    with ``options``. Idempotent; a later call replaces the default options of the protocols it
+    names. Any fsspec protocol works (``gs``, ``az``, ``memory``...) given its backend is installed."""
     from importlib import import_module
 
-    # The module: `from webdataset import gopen` would give the function of the same name.
-    wds_gopen = import_module("webdataset.gopen")
+    wds_gopen = import_module(
+        "webdataset.gopen"
+    )  # the module; `from webdataset import gopen` is the function
     for proto in protocols:
         _wds_default_options[proto] = dict(options or {})
         wds_gopen.gopen_schemes[proto] = _gopen_fsspec

@@ -44,9 +44,7 @@ import io
 import json
 import multiprocessing as mp
 import os
-import struct
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -56,16 +54,20 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from pipeline import storage
-from pipeline.shards import dali_index
+from pipeline.shards import dali_index, images
+from pipeline.shards import format as shard_format
+from pipeline.shards.format import TarShardWriter
 from pipeline.shards.manifest import Manifest, Rejected, ShardInfo, save_manifest
 from pipeline.shards.sources import Item, Reader, open_source
 
 RECEIPT_DIR = ".relic-build"
-EXIF_ORIENTATION = 0x0112
-_ZERO_BLOCKS = b"\0" * 1024  # end-of-archive marker: two zero blocks (POSIX ustar)
+DEFAULT_MAX_PIXELS = 40_000_000
+"""Inputs larger than this are rejected before decoding (``--max-pixels``): 40 megapixels is three
+times the largest ImageNet photo and decodes to 115 MiB of RGB; Pillow itself refuses only twice its
+89.5-megapixel warning limit, at ~500 MiB per image per worker."""
 
 
 class BuildError(RuntimeError):
@@ -79,102 +81,28 @@ class RejectedInput(Exception):
 # ---------------------------------------------------------------- images
 
 
-@dataclass(frozen=True)
-class JpegInfo:
-    sof: int  # the frame marker: 0xC0 baseline, 0xC2 progressive, ...
-    precision: int
-    width: int
-    height: int
-    components: int
-    orientation: int  # EXIF orientation, 1 when absent
-
-
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
-
-
-def jpeg_info(data: bytes) -> JpegInfo | None:
-    """Frame type, size, components and EXIF orientation from a JPEG's marker segments (ITU T.81
-    B.1.1; EXIF 2.3 4.6.4), reading headers only, about ten times faster than ``PIL.Image.open``.
-    ``None`` when the stream is anything but a plain marker sequence: the caller then asks PIL."""
-    n = len(data)
-    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        return None
-    pos, sof, orientation = 2, None, 1
-    while pos + 4 <= n:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
-            pos += 2
-            continue
-        length = (data[pos + 2] << 8) | data[pos + 3]
-        seg = pos + 4
-        end = pos + 2 + length
-        if length < 2 or end > n:
-            return None
-        if marker in _SOF_MARKERS:
-            if length < 8:
-                return None
-            sof = JpegInfo(
-                marker,
-                data[seg],
-                (data[seg + 3] << 8) | data[seg + 4],
-                (data[seg + 1] << 8) | data[seg + 2],
-                data[seg + 5],
-                1,
-            )
-        elif marker == 0xE1 and data[seg : seg + 6] == b"Exif\0\0":
-            orientation = _exif_orientation(data, seg + 6, end)
-            if orientation is None:
-                return None
-        elif marker == 0xDA:  # start of scan: headers are over
-            if sof is None or sof.width == 0 or sof.height == 0:
-                return None
-            return dataclasses.replace(sof, orientation=orientation)
-        pos = end
-    return None
-
-
-def _exif_orientation(data: bytes, tiff: int, end: int) -> int | None:
-    """The Orientation tag (0x0112) of IFD0, 1 when absent; ``None`` when the block is malformed."""
-    if end - tiff < 8:
-        return None
-    order = data[tiff : tiff + 2]
-    if order not in (b"II", b"MM"):
-        return None
-    fmt = "<" if order == b"II" else ">"
-    (ifd,) = struct.unpack_from(fmt + "I", data, tiff + 4)
-    start = tiff + ifd
-    if start + 2 > end:
-        return None
-    (count,) = struct.unpack_from(fmt + "H", data, start)
-    for i in range(count):
-        entry = start + 2 + 12 * i
-        if entry + 12 > end:
-            return None
-        tag, kind = struct.unpack_from(fmt + "HH", data, entry)
-        if tag == EXIF_ORIENTATION:
-            return struct.unpack_from(fmt + "H", data, entry + 8)[0] if kind == 3 else None
-    return 1
-
-
 def prepare_image(
-    data: bytes | Image.Image, *, max_side: int | None = None, quality: int = 95
+    data: bytes | Image.Image,
+    *,
+    max_side: int | None = None,
+    quality: int = 95,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[bytes, tuple[int, int], bool]:
     """``(jpeg_bytes, original_size, reencoded)`` for one input; raises :class:`RejectedInput`.
 
     Kept byte for byte: an 8-bit, 3-component, baseline (SOF0) JPEG within ``max_side``, without EXIF
-    rotation, ending in an EOI marker (a cheap completeness check; ``relic shards verify --decode``
-    decodes everything). Anything else is decoded by PIL and re-encoded."""
+    rotation, that passes the training reader's check (:func:`~pipeline.shards.images.image_problem`).
+    Anything else is decoded by PIL and re-encoded (:func:`~pipeline.shards.images.encode_jpeg`).
+    Inputs of more than ``max_pixels`` pixels are rejected from their header, before decoding."""
     if isinstance(data, Image.Image):
         original = tuple(data.info.get("original_size", data.size))
-        return _encode(data, max_side, quality), original, True  # type: ignore[return-value]
+        _check_pixels(original, max_pixels)
+        return images.encode_jpeg(data, max_side=max_side, quality=quality), original, True  # type: ignore[return-value]
     if not data:
         raise RejectedInput("empty file (0 bytes)")
-    info = jpeg_info(data)
+    info = images.jpeg_info(data)
+    if info is not None:
+        _check_pixels((info.width, info.height), max_pixels)
     if (
         info is not None
         and info.sof == 0xC0
@@ -182,25 +110,21 @@ def prepare_image(
         and info.components == 3
         and info.orientation == 1
         and (max_side is None or max(info.width, info.height) <= max_side)
+        and images.image_problem(data, "jpg") is None
     ):
-        # A complete JPEG ends with the EOI marker (maybe followed by a little padding). Without it,
-        # decode fully to tell trailing junk from a truncated file.
-        if b"\xff\xd9" not in data[-64:]:
-            try:
-                with Image.open(io.BytesIO(data)) as img:
-                    img.load()
-            except Exception as e:
-                raise RejectedInput(f"truncated or corrupt image: {e}") from None
         return data, (info.width, info.height), False
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise RejectedInput("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:
+        raise RejectedInput(f"too many pixels for Pillow: {e}") from None
     except Exception as e:
         raise RejectedInput(f"unreadable image header: {e}") from None
     w, h = img.size
     if w == 0 or h == 0:
         raise RejectedInput(f"image has zero size {w}x{h}")
+    _check_pixels((w, h), max_pixels)
     if img.format == "JPEG" and max_side is not None and max(w, h) > max_side:
         scale = max_side / max(w, h)
         img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))  # DCT-domain pre-shrink
@@ -209,103 +133,15 @@ def prepare_image(
     except Exception as e:
         raise RejectedInput(f"truncated or corrupt image: {e}") from None
     img.info["original_size"] = (w, h)
-    return _encode(img, max_side, quality), (w, h), True
+    return images.encode_jpeg(img, max_side=max_side, quality=quality), (w, h), True
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    img = ImageOps.exif_transpose(img) or img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img)
-        arr = arr >> 8 if arr.dtype == np.uint16 else np.clip(arr, 0, 255)
-        img = Image.fromarray(arr.astype(np.uint8), mode="L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def _encode(img: Image.Image, max_side: int | None, quality: int) -> bytes:
-    original = img.info.get("original_size", img.size)
-    img = _to_rgb(img)
-    w, h = original
-    if max_side is not None and max(w, h) > max_side:
-        scale = max_side / max(w, h)
-        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality, optimize=False, progressive=False)
-    return buf.getvalue()
-
-
-# ---------------------------------------------------------------- tar writing
-
-
-def ustar_header(name: str, size: int) -> bytes:
-    """The 512-byte POSIX ustar header of a regular file with our fixed metadata (mtime 0, uid/gid 0,
-    mode 0444, empty user/group names): the bytes ``tarfile.TarInfo.tobuf(USTAR_FORMAT)`` makes, built
-    directly because it runs three times per sample."""
-    encoded = name.encode("utf-8")
-    if len(encoded) > 100 or size >= 8**11:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
-            size,
-            0,
-            0o444,
-            0,
-            0,
-            "",
-            "",
+def _check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
+        raise RejectedInput(
+            f"{size[0]}x{size[1]} = {size[0] * size[1] / 1e6:.1f} megapixels, more than --max-pixels "
+            f"{max_pixels / 1e6:g} M (decoding it would take {3 * size[0] * size[1] / 2**20:,.0f} MiB)"
         )
-        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
-    head = encoded.ljust(100, b"\0") + _HEADER_MODE_IDS + b"%011o\0" % size + _HEADER_MTIME
-    tail = _HEADER_TAIL
-    chksum = sum(head) + 256 + sum(tail)  # the checksum field counts as eight spaces (0x20 * 8)
-    return head + b"%06o\0 " % chksum + tail
-
-
-_HEADER_MODE_IDS = b"0000444\0" + b"0000000\0" * 2  # mode, uid, gid
-_HEADER_MTIME = b"00000000000\0"
-_HEADER_TAIL = (b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 32 * 2 + b"\0" * 16 + b"\0" * 155).ljust(
-    512 - 148 - 8, b"\0"
-)
-
-
-class TarShardWriter:
-    """Streams samples into a tar file with fixed metadata; tracks size, sha256 and DALI offsets."""
-
-    def __init__(self, fileobj: IO[bytes]):
-        self.fileobj = fileobj
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-        self.samples = 0
-        self.index: list[list[dali_index.Component]] = []
-
-    def _write(self, data: bytes) -> None:
-        self.fileobj.write(data)
-        self.sha256.update(data)
-        self.bytes += len(data)
-
-    @staticmethod
-    def sample_size(members: list[tuple[str, bytes]]) -> int:
-        return sum(512 + -(-len(d) // 512) * 512 for _, d in members)
-
-    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
-        components = []
-        for ext, data in members:
-            name = f"{key}.{ext}"
-            self._write(ustar_header(name, len(data)))
-            components.append((ext, self.bytes, len(data), name))
-            self._write(data)
-            if len(data) % 512:
-                self._write(b"\0" * (512 - len(data) % 512))
-        self.index.append(components)
-        self.samples += 1
-
-    def close(self) -> None:
-        self._write(_ZERO_BLOCKS)
 
 
 # ---------------------------------------------------------------- workers
@@ -322,6 +158,7 @@ class Job:
     max_bytes: int | None
     quality: int
     max_side: int | None
+    max_pixels: int | None
     index: bool
     reader: Reader
     labelled: bool
@@ -386,29 +223,8 @@ def _tmp_path(job: Job, label: str) -> str:
 def _publish(job: Job, part: Part) -> None:
     """Move a finished part to its final name atomically (index file first, shard last)."""
     if part.idx_text is not None and part.info.index:
-        _put_bytes(job, part.info.index, part.idx_text.encode())
-    final = storage.join(job.out, part.info.name)
-    if storage.is_remote(job.out):
-        fs, path = storage.filesystem(final, job.options)
-        try:
-            fs.put_file(part.tmp_path, path)  # one object: visible only once the upload completes
-        finally:
-            os.unlink(part.tmp_path)
-    else:
-        os.replace(part.tmp_path, final)
-
-
-def _put_bytes(job: Job, name: str, payload: bytes) -> None:
-    url = storage.join(job.out, name)
-    fs, path = storage.filesystem(url, job.options)
-    if storage.is_remote(url):
-        fs.pipe_file(path, payload)
-    else:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
+        storage.write_atomic(storage.join(job.out, part.info.index), part.idx_text.encode(), job.options)
+    storage.publish_file(part.tmp_path, storage.join(job.out, part.info.name), job.options)
 
 
 def _sha256_of(job: Job, name: str) -> tuple[str, int] | None:
@@ -485,29 +301,23 @@ def run_chunk(job: Job, task: Task, first_shard: int | None) -> dict:
                 rejected.append([item.input, f"unreadable: {type(e).__name__}: {e}"])
                 continue
             try:
-                jpeg, original, reencoded = prepare_image(raw, max_side=job.max_side, quality=job.quality)
+                jpeg, original, reencoded = prepare_image(
+                    raw, max_side=job.max_side, quality=job.quality, max_pixels=job.max_pixels
+                )
             except RejectedInput as e:
                 rejected.append([item.input, str(e)])
                 continue
             stats["reencoded" if reencoded else "passthrough"] += 1
-            key = f"{position:09d}"
-            meta: dict[str, Any] = {"source": item.input, "original_size": list(original)}
-            members = [("jpg", jpeg)]
-            if job.labelled and item.label is not None:
-                members.append(("cls", str(item.label).encode()))
-                meta["label"] = item.label
-            members.append(("json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()))
+            members = shard_format.sample_members(
+                jpeg, label=item.label if job.labelled else None, source=item.input, original_size=original
+            )
             size = TarShardWriter.sample_size(members)
-            if (
-                writer is not None
-                and job.max_bytes is not None
-                and writer.bytes + size + len(_ZERO_BLOCKS) > job.max_bytes
-            ):
+            if writer is not None and job.max_bytes is not None and writer.size_with(size) > job.max_bytes:
                 close_part()
             if writer is None:
                 fileobj = open(_tmp_path(job, f"chunk-{task.chunk:06d}-{len(parts)}"), "wb")  # noqa: SIM115
                 writer = TarShardWriter(fileobj)
-            writer.add(key, members)
+            writer.add(shard_format.sample_key(position), members)
             if item.label is not None:
                 counts[item.label] = counts.get(item.label, 0) + 1
             _count(1, size)
@@ -611,6 +421,7 @@ def build_shards(
     seed: int = 0,
     max_side: int | None = None,
     quality: int = 95,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
     index: bool = False,
     prefix: str = "shard",
     storage_options: dict[str, Any] | None = None,
@@ -635,6 +446,8 @@ def build_shards(
         raise ValueError(f"quality must be in 1..100, got {quality}")
     if max_side is not None and max_side < 1:
         raise ValueError(f"max_side must be >= 1, got {max_side}")
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
     if not prefix or "/" in prefix or any(c.isspace() for c in prefix):
         raise ValueError(f"prefix must be a non-empty name without '/' or spaces, got {prefix!r}")
 
@@ -662,6 +475,7 @@ def build_shards(
         "progressive": False,
         "quality": quality,
         "max_side": max_side,
+        "max_pixels": max_pixels,
         "seed": seed,
         "max_samples": max_samples,
         "max_bytes": max_bytes,
@@ -676,6 +490,7 @@ def build_shards(
         max_bytes=max_bytes,
         quality=quality,
         max_side=max_side,
+        max_pixels=max_pixels,
         index=index,
         reader=src.reader,
         labelled=src.classes is not None,
@@ -834,4 +649,5 @@ def _postfix(bar: Any, nbytes: int, start: float) -> None:
 
 def _save_receipt(job: Job, r: dict) -> None:
     payload = {k: v for k, v in r.items() if not k.startswith("_") and k != "reused"}
-    _put_bytes(job, f"{RECEIPT_DIR}/chunk-{r['chunk']:06d}.json", json.dumps(payload).encode())
+    url = storage.join(job.out, RECEIPT_DIR, f"chunk-{r['chunk']:06d}.json")
+    storage.write_atomic(url, json.dumps(payload).encode(), job.options)

@@ -2,7 +2,7 @@
 
     relic shards build ~/data/imagenet/train s3://bucket/imagenet/train --workers 16 --max-side 512 --index
     relic shards build builtin:digits?split=train runs/digits/train --max-samples 256 --index
-    relic shards index 's3://bucket/laion/{000000..000099}.tar' --idx
+    relic shards index 's3://bucket/laion/{000000..000099}.tar' --index
     relic shards verify s3://bucket/imagenet/train --decode
     relic shards inspect runs/digits/train
 
@@ -19,6 +19,7 @@ import sys
 import time
 
 from pipeline import storage
+from pipeline.shards.build import DEFAULT_MAX_PIXELS
 
 SOURCE_HELP = """\
 SOURCE is one of:
@@ -101,6 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--seed", type=int, default=0, help="seed of the input shuffle (default 0)")
     b.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is at most this")
     b.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
+    b.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"reject inputs of more pixels, before decoding them (default {DEFAULT_MAX_PIXELS:,})",
+    )
     b.add_argument("--index", action="store_true", help="also write DALI .idx files beside the shards")
     b.add_argument("--prefix", default="shard", help="shard file prefix: PREFIX-000000.tar (default shard)")
     b.add_argument(
@@ -118,7 +125,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="brace pattern ('s3://b/train-{000000..000099}.tar'), list file, directory or .tar",
     )
     i.add_argument("--out", help="directory for manifest.json (default: the shards' directory)")
-    i.add_argument("--idx", action="store_true", help="also write DALI .idx files beside the shards")
+    i.add_argument(
+        "--index", action="store_true", help="also write DALI .idx files beside the (uncompressed) shards"
+    )
+    i.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on the first unreadable shard instead of leaving it out (listed in the manifest)",
+    )
     i.add_argument(
         "--label-key", help="JSON field holding the class index (default: .cls, else label/cls/class/target)"
     )
@@ -169,6 +183,7 @@ def _build(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_side=args.max_side,
         quality=args.quality,
+        max_pixels=args.max_pixels,
         index=args.index,
         prefix=args.prefix,
         storage_options=_options(args.out, args),
@@ -198,7 +213,8 @@ def _index(args: argparse.Namespace) -> int:
     m = index_shards(
         args.url,
         args.out,
-        write_idx=args.idx,
+        write_idx=args.index,
+        strict=args.strict,
         workers=args.workers,
         label_key=args.label_key,
         storage_options=_options(args.url, args),
@@ -209,10 +225,16 @@ def _index(args: argparse.Namespace) -> int:
     )
     print(
         f"indexed {len(m.shards):,} shards, {m.total_samples:,} samples ({m.total_bytes / 1e6:,.1f} MB): "
-        f"images .{m.image_ext}, {label}; wrote {m.url}" + (" and .idx files" if args.idx else "")
+        f"images .{m.image_ext}, {label}; wrote {m.url}" + (" and .idx files" if args.index else "")
     )
-    if m.rejected:
-        print(f"{len(m.rejected):,} samples have no image member (listed in the manifest)")
+    left_out = [r for r in m.rejected if r.reason.startswith("shard left out")]
+    for r in left_out:
+        print(f"  {r.input}: {r.reason}")
+    if left_out:
+        print(f"{len(left_out):,} shards left out (listed in the manifest); --strict makes this an error")
+    no_image = len(m.rejected) - len(left_out)
+    if no_image:
+        print(f"{no_image:,} samples have no image member (listed in the manifest)")
     return 0
 
 

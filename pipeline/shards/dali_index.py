@@ -1,4 +1,5 @@
-"""DALI index files (``.idx``) for ``nvidia.dali.fn.readers.webdataset``, and a streaming tar scan.
+"""DALI index files (``.idx``) for ``nvidia.dali.fn.readers.webdataset``: written beside a shard,
+read by the training reader to seek straight to a sample.
 
 Format, as DALI 2.4 reads it (``dali/operators/reader/loader/webdataset_loader.cc``, index version
 ``"v1.2"``; the same files DALI's own ``wds2idx`` tool writes)::
@@ -6,35 +7,24 @@ Format, as DALI 2.4 reads it (``dali/operators/reader/loader/webdataset_loader.c
     v1.2 <number of samples>
     <ext> <data offset> <size> <member name> [<ext> <offset> <size> <name> ...]   one line per sample
 
-A sample is a run of consecutive regular tar members sharing a *basename*: the member name up to the
-first dot after its last ``/`` (``a/b.c.jpg`` -> basename ``a/b``, ext ``c.jpg``). The offset is the
-byte position of the member's data (after its 512-byte header) in the tar file. Non-regular members
-(directories, links) and hidden members (empty basename) are left out, as DALI's tool does.
+The samples and members are the shard format's (:mod:`pipeline.shards.format`); the offset is the
+byte position of a member's data (after its 512-byte header) in the tar file.
 """
 
 from __future__ import annotations
 
-import hashlib
-import tarfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import IO
+
+from pipeline.shards import format as shard_format
 
 INDEX_VERSION = "v1.2"
 
-# One component: (ext, data offset, size, member name)
 Component = tuple[str, int, int, str]
+"""One member of a sample: ``(ext, data offset, size, member name)``."""
 
 
-def split_name(name: str) -> tuple[str, str]:
-    """``("dir/key", "ext")`` for ``dir/key.ext`` (first dot after the last slash), as DALI splits."""
-    dot = name.find(".", name.rfind("/") + 1)
-    if dot < 0:
-        return name, ""
-    return name[:dot], name[dot + 1 :]
-
-
-def format_dali_index(samples: list[list[Component]]) -> str:
+def format_dali_index(samples: Sequence[Sequence[Component]]) -> str:
     """The ``.idx`` text for samples given as lists of components, in tar order."""
     if not samples:
         raise ValueError("a DALI index needs at least one sample; DALI rejects empty webdataset shards")
@@ -47,75 +37,27 @@ def format_dali_index(samples: list[list[Component]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class HashingReader:
-    """A read-only file wrapper that hashes (sha256) and counts every byte read through it."""
-
-    def __init__(self, fileobj: IO[bytes]):
-        self.fileobj = fileobj
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.fileobj.read(n)
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return data
-
-    def drain(self, chunk: int = 1 << 20) -> None:
-        while self.read(chunk):
-            pass
-
-
-@dataclass
-class Member:
-    name: str
-    offset: int  # data offset
-    size: int
-    data: bytes | None  # read only when asked for (wanted extensions)
-
-
-def scan_tar(fileobj: IO[bytes], read_exts: frozenset[str] = frozenset()) -> Iterator[Member]:
-    """Regular members of a tar stream, in order, streaming (no seeking, constant memory).
-
-    The data of members whose extension is in ``read_exts`` is read and returned; others are skipped.
-    Raises ``tarfile.TarError`` (or ``EOFError``) on a truncated or malformed archive."""
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            data = None
-            if read_exts and split_name(info.name)[1] in read_exts:
-                f = tar.extractfile(info)
-                data = f.read() if f is not None else b""
-            yield Member(info.name, info.offset_data, info.size, data)
-
-
-def group_samples(members: Iterator[Member]) -> Iterator[list[Member]]:
-    """Consecutive members sharing a basename, as DALI and webdataset group them."""
-    current: list[Member] = []
-    current_key = None
-    for m in members:
-        key, _ = split_name(m.name)
-        if not key or key.endswith("/"):
-            continue
-        if current and key != current_key:
-            yield current
-            current = []
-        current_key = key
-        current.append(m)
-    if current:
-        yield current
+def sample_location(index_lines: Iterable[bytes | str], ordinal: int) -> tuple[int, str] | None:
+    """``(data offset, member name)`` of the first member of sample ``ordinal``, from the lines of an
+    ``.idx`` file; None when the index has no such sample."""
+    for number, line in enumerate(index_lines):
+        if number == ordinal + 1:  # line 0 is "v1.2 <samples>"
+            fields = line.split()
+            if len(fields) < 4:
+                return None
+            name = fields[3]
+            return int(fields[1]), name.decode("utf-8", "surrogateescape") if isinstance(
+                name, bytes
+            ) else name
+    return None
 
 
 def write_dali_index(tar_fileobj: IO[bytes], out_fileobj: IO[str] | IO[bytes]) -> int:
     """Scan a tar stream and write its DALI index to ``out_fileobj`` (text or binary); returns samples."""
-    samples = [
-        [(split_name(m.name)[1], m.offset, m.size, m.name) for m in group]
-        for group in group_samples(scan_tar(tar_fileobj))
-    ]
-    text = format_dali_index(samples)
+    components = [s.components() for s in shard_format.samples(shard_format.tar_members(tar_fileobj))]
+    text = format_dali_index(components)
     try:
         out_fileobj.write(text)  # type: ignore[arg-type]
     except TypeError:
         out_fileobj.write(text.encode())  # type: ignore[arg-type]
-    return len(samples)
+    return len(components)

@@ -1,18 +1,23 @@
 """``relic shards index``: our ``manifest.json`` (and DALI ``.idx`` files) for shards made elsewhere.
 
-WebDataset shards written by ``webdataset.ShardWriter``, img2dataset or GNU tar are scanned once,
-streaming and in parallel (threads: the work is I/O and sha256, both outside the GIL), without
-rewriting any shard. The manifest records per shard the sample count, byte size and sha256, which
-member extension holds the image (the most common of jpg/jpeg/png/webp) and which the label:
-``cls`` (decimal class index) or ``json`` with an integer field (``label_key``: given, or the first
-of ``label``/``cls``/``class``/``target`` present in every sample). Samples without an image member
-are listed as rejected (the reader skips them).
+WebDataset shards written by ``webdataset.ShardWriter``, img2dataset or GNU tar — plain or compressed
+(``.tar.gz``/``.tgz``/``.tar.bz2``/``.tar.xz``) — are scanned once, streaming and in parallel (threads:
+the work is I/O and sha256, both outside the GIL), without rewriting any shard; samples are what
+:mod:`pipeline.shards.format` says they are. The manifest records per shard the sample count, byte
+size and sha256, which member extension holds the image (the most common of jpg/jpeg/png/webp) and
+which the label (:class:`~pipeline.shards.format.LabelRule`): ``.cls``, else the first JSON field of
+``label``/``cls``/``class``/``target`` (or the one named) that every sample has — integer class
+indices, or class names (then ``classes`` lists them sorted). Samples without an image member are
+listed as rejected (the reader skips them).
+
+A shard that cannot be read (truncated, not a tar, members of a sample scattered over the file) is
+left out of the manifest and listed among its rejected inputs with the reason; ``strict=True`` makes
+it an error instead. DALI index files are written for plain tars only (DALI reads no compressed ones).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import os
 import sys
 from collections import Counter
@@ -23,17 +28,24 @@ import braceexpand
 
 from pipeline import storage
 from pipeline.shards import dali_index
-from pipeline.shards.manifest import IMAGE_EXTS, MANIFEST_NAME, Manifest, Rejected, ShardInfo, save_manifest
+from pipeline.shards.format import IMAGE_EXTS, LABEL_KEYS, LabelRule, ShardScan, TarFormatError
+from pipeline.shards.manifest import MANIFEST_NAME, Manifest, Rejected, ShardInfo, save_manifest
 
-LABEL_KEYS = ("label", "cls", "class", "target")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+_PLAIN_SUFFIX = ".tar"
 
 
 class ShardIndexError(ValueError):
-    """The shards cannot be indexed (none found, unreadable, mixed up); the message names the shard."""
+    """The shards cannot be indexed (none found, none readable, no images); the message says why."""
+
+
+def is_shard_name(name: str) -> bool:
+    return name.endswith(SHARD_SUFFIXES)
 
 
 def expand_shard_urls(url_or_pattern: str, options: dict[str, Any] | None = None) -> list[str]:
-    """Shard URLs from a brace pattern, a list file (one URL/path per line), a directory, or one tar."""
+    """Shard URLs from a brace pattern, a directory (every shard below it), one shard, or a list file
+    (one URL/path per line, relative ones against the list's folder)."""
     options = options or {}
     if "{" in url_or_pattern and "}" in url_or_pattern:
         return list(braceexpand.braceexpand(url_or_pattern))
@@ -42,82 +54,107 @@ def expand_shard_urls(url_or_pattern: str, options: dict[str, Any] | None = None
         raise ShardIndexError(f"{url_or_pattern} does not exist")
     if fs.isdir(path):
         scheme = url_or_pattern.split("://", 1)[0] + "://" if storage.is_remote(url_or_pattern) else ""
-        urls = sorted(scheme + p for p in fs.find(path) if p.endswith(".tar"))
+        urls = sorted(scheme + p for p in fs.find(path) if is_shard_name(p))
         if not urls:
-            raise ShardIndexError(f"no .tar files below {url_or_pattern}")
+            raise ShardIndexError(f"no shards ({', '.join(SHARD_SUFFIXES)}) below {url_or_pattern}")
         return urls
-    if url_or_pattern.endswith(".tar"):
+    if is_shard_name(url_or_pattern):
         return [url_or_pattern]
     base = storage.dirname(url_or_pattern)
-    with fs.open(path, "rt") as f:
-        lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    try:
+        with fs.open(path, "rt") as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    except UnicodeDecodeError:
+        raise ShardIndexError(
+            f"{url_or_pattern} is neither a shard ({', '.join(SHARD_SUFFIXES)}) nor a text list of shards"
+        ) from None
     if not lines:
         raise ShardIndexError(f"list file {url_or_pattern} names no shards")
     return [ln if "://" in ln or os.path.isabs(ln) else storage.join(base, ln) for ln in lines]
 
 
+def label_candidates(label_key: str | None) -> list[LabelRule]:
+    """The label rules an index tries, in order of preference."""
+    if label_key is not None:
+        return [LabelRule("json", label_key)]
+    return [LabelRule("cls"), *(LabelRule("json", k) for k in LABEL_KEYS)]
+
+
 @dataclass
-class ShardScan:
+class ShardSummary:
+    """What one pass over a shard found (``scan_shard``)."""
+
     url: str
     samples: int = 0
     bytes: int = 0
     sha256: str = ""
     image_exts: Counter = field(default_factory=Counter)
-    cls_labels: list[int | None] = field(default_factory=list)
-    json_labels: dict[str, list[Any]] = field(default_factory=dict)  # candidate key -> values per sample
-    no_image: list[str] = field(default_factory=list)  # keys of samples without an image member
+    labels: dict[LabelRule, Counter] = field(default_factory=dict)
+    """Per candidate rule that every sample satisfied so far: how often each raw value occurs."""
+    no_image: list[str] = field(default_factory=list)
     idx_text: str | None = None
+    error: str | None = None
+    """Why the shard cannot be used (it is then left out of the manifest)."""
 
 
-def _label_int(raw: bytes | None) -> int | None:
+def scan_shard(
+    url: str, options: dict[str, Any] | None = None, *, candidates: list[LabelRule], want_idx: bool = False
+) -> ShardSummary:
+    """Stream one shard once: count samples, hash bytes, find image and label members, build its index."""
+    summary = ShardSummary(url, labels={rule: Counter() for rule in candidates})
+    scan = ShardScan(url, options, read={rule.ext for rule in candidates if rule.ext})
     try:
-        return int(raw.decode().strip()) if raw is not None else None
-    except (UnicodeDecodeError, ValueError):
-        return None
-
-
-def scan_shard(url: str, options: dict[str, Any] | None = None, *, want_idx: bool = False) -> ShardScan:
-    """Stream one shard once: count samples, hash bytes, find image/label members, build its index."""
-    scan = ShardScan(url)
-    components: list[list[dali_index.Component]] = []
-    try:
-        with storage.open_url(url, "rb", options) as raw:
-            reader = dali_index.HashingReader(raw)
-            members = dali_index.scan_tar(reader, read_exts=frozenset({"cls", "json"}))
-            for group in dali_index.group_samples(members):
-                scan.samples += 1
-                key = dali_index.split_name(group[0].name)[0]
-                exts = {dali_index.split_name(m.name)[1]: m for m in group}
-                image = next((e for e in exts if e in IMAGE_EXTS), None)
-                if image is None:
-                    scan.no_image.append(key)
+        for sample in scan:
+            summary.samples += 1
+            image = next((e for e in IMAGE_EXTS if e in sample.exts), None)
+            if image is None:
+                summary.no_image.append(sample.key)
+            else:
+                summary.image_exts[image] += 1
+            for rule in list(summary.labels):
+                value = rule.raw(sample.parts)
+                if value is None:
+                    del summary.labels[rule]
                 else:
-                    scan.image_exts[image] += 1
-                scan.cls_labels.append(_label_int(exts["cls"].data) if "cls" in exts else None)
-                meta: Any = None
-                if "json" in exts and exts["json"].data:
-                    try:
-                        meta = json.loads(exts["json"].data)
-                    except ValueError:
-                        meta = None
-                for k in LABEL_KEYS:
-                    v = meta.get(k) if isinstance(meta, dict) else None
-                    scan.json_labels.setdefault(k, []).append(v if isinstance(v, int) else None)
-                if want_idx:
-                    components.append(
-                        [(dali_index.split_name(m.name)[1], m.offset, m.size, m.name) for m in group]
-                    )
-            reader.drain()
+                    summary.labels[rule][value] += 1
     except FileNotFoundError:
-        raise ShardIndexError(f"shard {url} does not exist") from None
-    except (OSError, EOFError, ValueError) as e:  # tarfile.TarError is an Exception; caught below
-        raise ShardIndexError(f"shard {url} cannot be read as a tar file: {e}") from None
-    except Exception as e:
-        raise ShardIndexError(f"shard {url} cannot be read as a tar file: {type(e).__name__}: {e}") from None
-    scan.bytes, scan.sha256 = reader.bytes, reader.sha256.hexdigest()
-    if want_idx and components:
-        scan.idx_text = dali_index.format_dali_index(components)
-    return scan
+        summary.error = "shard does not exist"
+        return summary
+    except (TarFormatError, OSError) as e:
+        summary.error = f"cannot be read as a tar file: {e}"
+        return summary
+    summary.bytes, summary.sha256 = scan.bytes, scan.sha256
+    if want_idx and scan.components and url.endswith(_PLAIN_SUFFIX):
+        summary.idx_text = dali_index.format_dali_index(scan.components)
+    return summary
+
+
+def choose_labels(
+    summaries: list[ShardSummary], candidates: list[LabelRule]
+) -> tuple[LabelRule, dict[str, int]] | None:
+    """The first candidate every sample of every shard satisfies with one kind of value (all class
+    indices >= -1, or all class names), its classes filled in, and the samples per class."""
+    for rule in candidates:
+        if not all(rule in s.labels for s in summaries):
+            continue
+        counts = sum((s.labels[rule] for s in summaries), Counter())
+        names = [v for v in counts if isinstance(v, str)]
+        if names and len(names) < len(counts):
+            continue  # mixed indices and names
+        if not names and min(counts) < -1:
+            raise ShardIndexError(f"negative class index {min(counts)} under {_describe(rule)}")
+        if names:
+            classes = sorted(names)
+            per_class = {c: counts[c] for c in classes}
+        else:
+            classes = [str(i) for i in range(max(counts) + 1)]
+            per_class = {c: counts.get(i, 0) for i, c in enumerate(classes)}
+        return LabelRule(rule.ext, rule.key, tuple(classes)), per_class
+    return None
+
+
+def _describe(rule: LabelRule) -> str:
+    return f".{rule.ext}" + (f" field {rule.key!r}" if rule.key else "")
 
 
 def _relative(base: str, url: str) -> str:
@@ -134,6 +171,19 @@ def _relative(base: str, url: str) -> str:
     return rel.replace(os.sep, "/")
 
 
+def _manifest_dir(urls: list[str], out: str | None) -> str:
+    if out is None:
+        dirs = {storage.dirname(u) for u in urls}
+        if len(dirs) == 1:
+            return dirs.pop()
+        if storage.is_remote(urls[0]):
+            raise ShardIndexError(
+                "shards lie in several directories; pass OUT (a directory above all of them)"
+            )
+        return os.path.commonpath(list(dirs))
+    return out[: -len(MANIFEST_NAME)].rstrip("/") if out.endswith(".json") else out
+
+
 def index_shards(
     url_or_pattern: str,
     out: str | None = None,
@@ -141,28 +191,20 @@ def index_shards(
     write_idx: bool = False,
     workers: int = 4,
     label_key: str | None = None,
+    strict: bool = False,
     storage_options: dict[str, Any] | None = None,
     progress: bool | None = None,
 ) -> Manifest:
     """Scan existing shards and save ``manifest.json`` for them (in ``out``, a directory or manifest URL;
-    default: the shards' common directory, which must hold every shard)."""
+    default: the shards' common directory, which must hold every shard). Unreadable shards are listed
+    in the manifest's ``rejected``; with ``strict`` the first one raises :class:`ShardIndexError`."""
     options = (
         dict(storage_options) if storage_options is not None else storage.storage_options(url_or_pattern)
     )
     urls = expand_shard_urls(url_or_pattern, options)
-    if out is None:
-        dirs = {storage.dirname(u) for u in urls}
-        out = (
-            dirs.pop()
-            if len(dirs) == 1
-            else (os.path.commonpath(list(dirs)) if not storage.is_remote(urls[0]) else None)
-        )
-        if out is None:
-            raise ShardIndexError(
-                "shards lie in several directories; pass OUT (a directory above all of them)"
-            )
-    manifest_dir = out[: -len(MANIFEST_NAME)].rstrip("/") if out.endswith(".json") else out
+    manifest_dir = _manifest_dir(urls, out)
     names = [_relative(manifest_dir, u) for u in urls]
+    candidates = label_candidates(label_key)
 
     show = sys.stderr.isatty() if progress is None else progress
     bar = None
@@ -170,92 +212,57 @@ def index_shards(
         from tqdm import tqdm
 
         bar = tqdm(total=len(urls), unit="shard", desc="index", file=sys.stderr)
-    scans: list[ShardScan] = []
+    summaries: list[ShardSummary] = []
     with cf.ThreadPoolExecutor(max(1, workers)) as pool:
-        for scan in pool.map(lambda u: scan_shard(u, options, want_idx=write_idx), urls):
-            scans.append(scan)
+        for summary in pool.map(
+            lambda u: scan_shard(u, options, candidates=candidates, want_idx=write_idx), urls
+        ):
+            summaries.append(summary)
             if bar is not None:
                 bar.update(1)
     if bar is not None:
         bar.close()
 
-    total = sum(s.samples for s in scans)
-    if total == 0:
+    broken = [(n, s) for n, s in zip(names, summaries) if s.error is not None]
+    if broken and (strict or len(broken) == len(summaries)):
+        s = broken[0][1]
+        raise ShardIndexError(
+            f"shard {s.url}: {s.error}" + (f" ({len(broken)} unreadable)" if len(broken) > 1 else "")
+        )
+    usable = [(n, s) for n, s in zip(names, summaries) if s.error is None]
+    good = [s for _, s in usable]
+    if sum(s.samples for s in good) == 0:
         raise ShardIndexError(f"the shards of {url_or_pattern} hold no samples")
-    image_counts = sum((s.image_exts for s in scans), Counter())
+    image_counts = sum((s.image_exts for s in good), Counter())
     if not image_counts:
         raise ShardIndexError(f"no sample of {url_or_pattern} has an image member ({'/'.join(IMAGE_EXTS)})")
     image_ext = image_counts.most_common(1)[0][0]
 
-    labels: list[int | None]
-    label_ext: str | None
-    cls_labels = [v for s in scans for v in s.cls_labels]
-    if label_key is None and all(v is not None for v in cls_labels):
-        label_ext, labels = "cls", cls_labels
-    else:
-        label_ext, labels = None, []
-        for k in [label_key] if label_key else LABEL_KEYS:
-            if k in LABEL_KEYS:
-                values = [v for s in scans for v in s.json_labels[k]]
-            else:
-                values = _json_key_values(scans, k, options)
-            if values and all(v is not None for v in values):
-                label_ext, label_key, labels = "json", k, values
-                break
-        else:
-            if label_key is not None:
-                raise ShardIndexError(f"not every sample has an integer {label_key!r} in its .json member")
-            label_key = None
-    classes = class_counts = None
-    if label_ext is not None:
-        if min(labels) < 0:  # type: ignore[type-var]
-            raise ShardIndexError(f"negative class index {min(labels)} in {url_or_pattern}")  # type: ignore[type-var]
-        n = max(labels) + 1  # type: ignore[type-var]
-        classes = [str(i) for i in range(n)]
-        counts = Counter(labels)
-        class_counts = {str(i): counts.get(i, 0) for i in range(n)}
+    chosen = choose_labels(good, candidates)
+    if chosen is None and label_key is not None:
+        raise ShardIndexError(f"not every sample has a class in the field {label_key!r} of its .json member")
+    rule, class_counts = chosen if chosen is not None else (LabelRule(), None)
 
     shards = []
-    for name, scan in zip(names, scans):
+    for name, s in usable:
         idx_name = None
-        if write_idx and scan.idx_text is not None:
-            idx_name = name[: -len(".tar")] + ".idx" if name.endswith(".tar") else name + ".idx"
-            idx_url = storage.join(manifest_dir, idx_name)
-            fs, path = storage.filesystem(idx_url, options)
-            if storage.is_remote(idx_url):
-                fs.pipe_file(path, scan.idx_text.encode())
-            else:
-                tmp = f"{path}.tmp-{os.getpid()}"
-                with open(tmp, "w") as f:
-                    f.write(scan.idx_text)
-                os.replace(tmp, path)
-        shards.append(ShardInfo(name, scan.samples, scan.bytes, scan.sha256, idx_name))
-    rejected = [Rejected(f"{s.url}:{k}", "sample has no image member") for s in scans for k in s.no_image]
+        if s.idx_text is not None:
+            idx_name = name[: -len(_PLAIN_SUFFIX)] + ".idx"
+            storage.write_atomic(storage.join(manifest_dir, idx_name), s.idx_text.encode(), options)
+        shards.append(ShardInfo(name, s.samples, s.bytes, s.sha256, idx_name))
+    rejected = [Rejected(f"{s.url}:{k}", "sample has no image member") for s in good for k in s.no_image]
+    rejected += [Rejected(s.url, f"shard left out: {s.error}") for _, s in broken]
+    classes = list(rule.classes) if rule.classes else None
     manifest = Manifest(
         shards=shards,
         image_ext=image_ext,
-        label_ext=label_ext,
-        label_key=label_key if label_ext == "json" else None,
+        label_ext=rule.ext,
+        label_key=rule.key if rule.ext == "json" else None,
         classes=classes,
         class_counts=class_counts,
         encoding={"indexed": True, "image_exts": dict(image_counts)},
         source=url_or_pattern,
         rejected=rejected,
     )
-    save_manifest(manifest, out, options)
+    save_manifest(manifest, out or manifest_dir, options)
     return manifest
-
-
-def _json_key_values(scans: list[ShardScan], key: str, options: dict[str, Any]) -> list[int | None]:
-    """Integer values of a user-named JSON field, one per sample (a second pass over the shards)."""
-    values: list[int | None] = []
-    for s in scans:
-        with storage.open_url(s.url, "rb", options) as raw:
-            for group in dali_index.group_samples(dali_index.scan_tar(raw, read_exts=frozenset({"json"}))):
-                meta = next((m.data for m in group if dali_index.split_name(m.name)[1] == "json"), None)
-                try:
-                    v = json.loads(meta).get(key) if meta else None
-                except (ValueError, AttributeError):
-                    v = None
-                values.append(v if isinstance(v, int) else None)
-    return values

@@ -6,7 +6,7 @@ import statistics
 from typing import Any
 
 from pipeline import storage
-from pipeline.shards import dali_index
+from pipeline.shards.format import first_samples
 from pipeline.shards.manifest import Manifest, load_manifest
 
 
@@ -14,13 +14,7 @@ def first_keys(manifest: Manifest, n: int = 5, options: dict[str, Any] | None = 
     """The first ``n`` sample keys of the first shard, read by streaming its tar headers."""
     if not manifest.shards or n <= 0:
         return []
-    keys: list[str] = []
-    with storage.open_url(manifest.shard_url(0), "rb", options) as f:
-        for group in dali_index.group_samples(dali_index.scan_tar(f)):
-            keys.append(dali_index.split_name(group[0].name)[0])
-            if len(keys) >= n:
-                break
-    return keys
+    return [s.key for s in first_samples(manifest.shard_url(0), n, options)]
 
 
 def summary(manifest: Manifest) -> dict[str, Any]:

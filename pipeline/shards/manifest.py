@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import storage
+from pipeline.shards.format import IMAGE_EXTS, LABEL_EXTS, LabelRule
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-LABEL_EXTS = ("cls", "json")
 
 
 @dataclass
@@ -72,6 +71,11 @@ class Manifest:
     def has_labels(self) -> bool:
         return self.label_ext is not None
 
+    @property
+    def labels(self) -> LabelRule:
+        """How every reader of these shards reads a sample's class."""
+        return LabelRule(self.label_ext, self.label_key, tuple(self.classes) if self.classes else None)
+
     def shard_url(self, i: int) -> str:
         if self.url is None:
             raise ValueError("manifest has no location; load it with load_manifest() or set .url")
@@ -119,16 +123,8 @@ def load_manifest(url: str, options: dict[str, Any] | None = None) -> Manifest:
 
 
 def save_manifest(manifest: Manifest, url: str, options: dict[str, Any] | None = None) -> str:
-    """Write atomically: a temporary name then rename locally; one whole PUT on object stores."""
+    """Write ``manifest.json`` atomically (``storage.write_atomic``); returns its URL."""
     url = manifest_url(url)
-    payload = manifest.to_json().encode()
-    fs, path = storage.filesystem(url, options)
-    if storage.is_remote(url):
-        fs.pipe_file(path, payload)  # a single PUT: the object appears complete or not at all
-    else:
-        tmp = f"{path}.tmp"
-        with fs.open(tmp, "wb") as f:
-            f.write(payload)
-        fs.mv(tmp, path)
+    storage.write_atomic(url, manifest.to_json().encode(), options)
     manifest.url = url
     return url

@@ -9,15 +9,13 @@ PIL. Shards are checked in parallel threads (I/O and hashing release the GIL).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import io
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
-
 from pipeline import storage
 from pipeline.shards import dali_index
+from pipeline.shards.format import ShardScan, TarFormatError, image_member
+from pipeline.shards.images import decode_problem
 from pipeline.shards.manifest import Manifest, load_manifest
 
 
@@ -30,67 +28,49 @@ class Problem:
         return f"{self.shard}: {self.message}"
 
 
-def _label_of(manifest: Manifest, exts: dict[str, dali_index.Member]) -> int | None:
-    if manifest.label_ext == "cls" and "cls" in exts and exts["cls"].data is not None:
-        return int(exts["cls"].data.decode().strip())
-    if manifest.label_ext == "json" and "json" in exts and exts["json"].data:
-        value = json.loads(exts["json"].data).get(manifest.label_key)
-        return value if isinstance(value, int) else None
-    return None
-
-
 def verify_shard(
     manifest: Manifest, i: int, *, decode: bool = False, options: dict[str, Any] | None = None
 ) -> list[Problem]:
     info = manifest.shards[i]
-    url = manifest.shard_url(i)
-    problems: list[Problem] = []
-    read_exts = {manifest.label_ext} if manifest.label_ext else set()
+    rule = manifest.labels
+    read = {rule.ext} if rule.ext else set()
     if decode:
-        read_exts.add(manifest.image_ext)
+        read |= {"jpg", "jpeg"} if manifest.image_ext in ("jpg", "jpeg") else {manifest.image_ext}
+    problems: list[Problem] = []
+    scan = ShardScan(manifest.shard_url(i), options, read=read)
     samples = 0
-    components: list[list[dali_index.Component]] = []
     try:
-        with storage.open_url(url, "rb", options) as raw:
-            reader = dali_index.HashingReader(raw)
-            for group in dali_index.group_samples(dali_index.scan_tar(reader, frozenset(read_exts))):
-                samples += 1
-                key = dali_index.split_name(group[0].name)[0]
-                components.append(
-                    [(dali_index.split_name(m.name)[1], m.offset, m.size, m.name) for m in group]
+        for sample in scan:
+            samples += 1
+            image = image_member(dict.fromkeys(sample.exts), manifest.image_ext)
+            if image is None:
+                problems.append(
+                    Problem(info.name, f"sample {sample.key} has no .{manifest.image_ext} member")
                 )
-                exts = {dali_index.split_name(m.name)[1]: m for m in group}
-                if manifest.image_ext not in exts:
-                    problems.append(Problem(info.name, f"sample {key} has no .{manifest.image_ext} member"))
-                elif decode:
-                    try:
-                        with Image.open(io.BytesIO(exts[manifest.image_ext].data or b"")) as img:
-                            img.load()
-                    except Exception as e:
-                        problems.append(Problem(info.name, f"sample {key}: image does not decode: {e}"))
-                if manifest.label_ext:
-                    try:
-                        label = _label_of(manifest, exts)
-                    except (ValueError, UnicodeDecodeError):
-                        label = None
-                    n = len(manifest.classes or [])
-                    if label is None or (n > 0 and not 0 <= label < n):
-                        problems.append(
-                            Problem(
-                                info.name, f"sample {key}: label {label!r} is not a class index in [0, {n})"
-                            )
-                        )
-            reader.drain()
+            elif decode:
+                problem = decode_problem(sample.parts[image])
+                if problem is not None:
+                    problems.append(
+                        Problem(info.name, f"sample {sample.key}: image does not decode: {problem}")
+                    )
+            if rule.ext and rule.parse(sample.parts) is None:
+                n = len(manifest.classes or [])
+                problems.append(
+                    Problem(
+                        info.name,
+                        f"sample {sample.key}: label {rule.raw(sample.parts)!r} under .{rule.ext}"
+                        + (f" field {rule.key!r}" if rule.key else "")
+                        + f" is not a class of the manifest ({n} classes)",
+                    )
+                )
     except FileNotFoundError:
-        return [Problem(info.name, f"missing: {url} does not exist")]
-    except Exception as e:
+        return [Problem(info.name, f"missing: {scan.url} does not exist")]
+    except (TarFormatError, OSError) as e:
         return [*problems, Problem(info.name, f"unreadable tar ({type(e).__name__}: {e})")]
-    if reader.bytes != info.bytes:
-        problems.append(Problem(info.name, f"size {reader.bytes} bytes, manifest says {info.bytes}"))
-    if reader.sha256.hexdigest() != info.sha256:
-        problems.append(
-            Problem(info.name, f"sha256 {reader.sha256.hexdigest()}, manifest says {info.sha256}")
-        )
+    if scan.bytes != info.bytes:
+        problems.append(Problem(info.name, f"size {scan.bytes} bytes, manifest says {info.bytes}"))
+    if scan.sha256 != info.sha256:
+        problems.append(Problem(info.name, f"sha256 {scan.sha256}, manifest says {info.sha256}"))
     if samples != info.samples:
         problems.append(Problem(info.name, f"{samples} samples, manifest says {info.samples}"))
     if info.index:
@@ -101,7 +81,7 @@ def verify_shard(
         except FileNotFoundError:
             problems.append(Problem(info.name, f"index file {info.index} is missing"))
         else:
-            if components and text != dali_index.format_dali_index(components):
+            if scan.components and text != dali_index.format_dali_index(scan.components):
                 problems.append(
                     Problem(info.name, f"index file {info.index} does not match the shard's contents")
                 )

@@ -3,6 +3,7 @@ real endpoints (a local directory, the moto S3 server, a loopback Ray instance),
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -78,6 +79,10 @@ def test_local_storage_problems(tmp_path):
     write_shard_set(str(tmp_path / "broken"), payload=b"not a tar file" * 100)
     check = doctor.check_storage(str(tmp_path / "broken"), None, 5)[0]
     assert check.status == "FAIL" and "not a tar file" in check.detail
+
+    write_shard_set(str(tmp_path / "gzipped"), payload=gzip.compress(_tar_bytes()))  # the reader reads these
+    check = doctor.check_storage(str(tmp_path / "gzipped"), None, 5)[0]
+    assert check.status == "OK" and "first shard readable" in check.detail, check
 
     write_shard_set(str(tmp_path / "ok"))
     assert doctor.check_storage(str(tmp_path / "ok" / "manifest.json"), None, 5)[0].status == "OK"

@@ -265,7 +265,7 @@ def test_progress_bar_reports_rates(tmp_path, capsys):
 
 
 def test_jpeg_header_scan_agrees_with_pil():
-    from pipeline.shards.build import jpeg_info
+    from pipeline.shards.images import jpeg_info
 
     exif = Image.Exif()
     exif[0x0112] = 3
@@ -291,7 +291,7 @@ def test_jpeg_header_scan_agrees_with_pil():
 
 
 def test_fast_ustar_header_is_tarfiles():
-    from pipeline.shards.build import ustar_header
+    from pipeline.shards.format import ustar_header
 
     for name, size in [("000000001.jpg", 941), ("000000001.json", 0), ("k" * 100, 512), ("x.cls", 8**11 - 1)]:
         info = tarfile.TarInfo(name)
