@@ -104,7 +104,7 @@ def run_dali_native(shards: str) -> dict:
     import torch
 
     from pipeline.augment import build_pipeline, preset
-    from pipeline.loader import pipeline_threads, to_torch
+    from pipeline.loader import dali_to_torch, pipeline_threads
     from pipeline.shards.manifest import load_manifest
 
     cpu_start = cpu_seconds()
@@ -144,7 +144,7 @@ def run_dali_native(shards: str) -> dict:
     def batches():
         for i in range(iterations):
             out = pipes[i % count].run()
-            to_torch(out, device=torch.device("cpu"))  # the same DALI -> torch copy as ours
+            dali_to_torch(out, device=torch.device("cpu"))  # the same DALI -> torch copy as ours
             yield None
 
     torch.set_num_threads(1)

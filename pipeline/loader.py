@@ -1,8 +1,9 @@
 """Batches of augmented views as torch tensors: raw JPEG batches -> one DALI graph -> ``ViewBatch``.
 
 ``ViewLoader`` takes any *reader* with ``.epoch(epoch, start_batch) -> Iterator[RawBatch]`` (a
-``pipeline.reader.ShardReader`` in production; anything giving objects with ``images: list[bytes]``
-and ``labels`` in tests) and a :class:`~pipeline.augment.ViewRecipe`.
+``pipeline.reader.ShardReader`` in production; anything giving ``RawBatch``es in tests) and a
+:class:`~pipeline.augment.ViewRecipe`; each ``ViewBatch`` it yields carries the views, labels and
+sample keys of one raw batch and the recipe's number of large views.
 
 Overlap: a background thread pulls raw batches from the reader (Python: tar streaming, S3) into a
 bounded queue of ``prefetch`` batches, while DALI's worker threads (native code, no GIL) decode and
@@ -20,20 +21,17 @@ same batches as without it.
 
 Corrupt data: the reader validates images cheaply, but DALI's decoder raises on anything it cannot
 decode. When a batch fails, the loader rebuilds the pipeline, fully decodes every sample of the
-batches that were in flight with PIL, replaces each undecodable sample by a decodable one of the same
-batch (the batch size is fixed: training gathers equal shapes), counts it in
+batches that were in flight with PIL, fills the slot of each undecodable sample with a decodable one
+of the same batch (``pipeline.reader.fill_batch``; the batch size is fixed: training gathers equal
+shapes), counts it in
 ``stats["decode_fallback"]`` and logs its key once, then re-feeds those batches.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 import logging
-import queue
 import threading
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +40,10 @@ import numpy as np
 import torch
 
 from pipeline.augment import ViewRecipe, build_pipeline, derive_seed
+from pipeline.prefetch import Prefetcher
+from pipeline.reader import fill_batch
+from pipeline.shards.images import decode_problem
+from pipeline.shards.images import reencode as reencode_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +69,16 @@ def pipeline_threads(num_threads: int, num_pipelines: int | None = None) -> list
 
 @dataclass
 class ViewBatch:
-    """``views[v]``: ``[B, 3, H_v, W_v]`` on the training device; the first ``num_large`` are the large
-    views. ``labels``: ``[B]`` int64 (-1 when unlabelled), on the same device."""
+    """One training batch: everything ``training.loop.train_step`` needs, nothing to re-derive."""
 
     views: list[torch.Tensor]
+    """``views[v]``: ``[B, 3, H_v, W_v]`` on the training device, the large views first."""
     labels: torch.Tensor
+    """``[B]`` int64 on the same device, -1 when unlabelled."""
+    keys: list[str]
+    """The ``B`` sample keys; a repeated key marks a filled slot (``pipeline.reader.fill_batch``)."""
+    num_large: int
+    """How many of ``views`` are large (target) views: the recipe's ``num_large``."""
 
 
 class _Batch:
@@ -79,13 +86,12 @@ class _Batch:
 
     __slots__ = ("arrays", "keys", "labels")
 
-    def __init__(self, images: list[bytes], labels: Any, keys: list[str] | None) -> None:
+    def __init__(self, images: list[bytes], labels: Any, keys: list[str]) -> None:
         self.arrays = [np.frombuffer(b, dtype=np.uint8) for b in images]
         self.labels = np.asarray(labels, dtype=np.int64).reshape(len(images))
-        self.keys = list(keys) if keys is not None else [str(i) for i in range(len(images))]
-
-
-_END = object()
+        self.keys = list(keys)
+        if len(self.keys) != len(self.arrays):
+            raise ValueError(f"raw batch: {len(self.arrays)} images but {len(self.keys)} keys")
 
 
 class _Lane:
@@ -119,8 +125,10 @@ class _Segment:
 
     def __init__(self, loader: ViewLoader, epoch: int, start_batch: int, background: bool = False) -> None:
         self.loader, self.key = loader, (epoch, start_batch)
-        self.feeder = _Feeder(iter(loader.reader.epoch(epoch, start_batch)), loader.prefetch)
-        self.feeder.start()
+        raw = loader.reader.epoch(epoch, start_batch)
+        self.feeder = Prefetcher(
+            (_Batch(b.images, b.labels, b.keys) for b in raw), loader.prefetch, "ViewLoader-feeder"
+        )
         self.lanes = [_Lane(self, k) for k in range(loader.num_pipelines)]
         self.batch_size = 0
         self.outputs = 0  # batches handed out so far: the next comes from lane outputs % P
@@ -194,75 +202,11 @@ class _Segment:
         return self.lanes[0].pipe is not None
 
     def close(self) -> None:
-        self.feeder.stop()
+        self.feeder.close()
         if self._thread is not None:
             self._thread.join(timeout=30)
         for lane in self.lanes:
             lane.pipe = None
-
-
-class _Feeder(threading.Thread):
-    """Background thread: reader epoch iterator -> bounded queue of ``_Batch`` (or the exception)."""
-
-    def __init__(self, batches: Iterator[Any], depth: int) -> None:
-        super().__init__(daemon=True, name="ViewLoader-feeder")
-        self.batches = batches
-        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self.stopped = threading.Event()
-        self.read_all = threading.Event()
-        """Set once the reader's iterator is exhausted (or failed): the next segment may start reading."""
-        self.error: BaseException | None = None
-
-    def _put(self, item: Any) -> bool:
-        while not self.stopped.is_set():
-            try:
-                self.queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run(self) -> None:
-        try:
-            for raw in self.batches:
-                if not self._put(_Batch(raw.images, raw.labels, getattr(raw, "keys", None))):
-                    return
-            self.read_all.set()
-            self._put(_END)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            self.error = e
-            self.read_all.set()
-            self._put(e)
-        finally:
-            close = getattr(self.batches, "close", None)
-            if close is not None and self.stopped.is_set():
-                with contextlib.suppress(Exception):  # best effort while shutting down
-                    close()
-
-    def get(self, timeout: float) -> _Batch:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                item = self.queue.get(timeout=0.1)
-                break
-            except queue.Empty:
-                if self.stopped.is_set():  # a segment set up ahead and discarded: no more batches
-                    raise StopIteration from None
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"ViewLoader: the reader produced no batch within {timeout:.0f} s"
-                    ) from None
-        if item is _END:
-            self._put(_END)  # DALI may ask again after the end
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self._put(item)
-            raise item
-        return item
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.join(timeout=10)
 
 
 def _reason(error: BaseException) -> str:
@@ -274,39 +218,14 @@ def _reason(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def _decodes(data: np.ndarray) -> bool:
-    """A full PIL decode: the slow but thorough check used only after DALI failed on a batch."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data.tobytes())) as im:
-            im.convert("RGB").load()
-        return True
-    except Exception:
-        return False
-
-
-def _reencode(data: np.ndarray) -> np.ndarray:
-    """Decode with PIL and re-encode as a baseline RGB JPEG (for files PIL reads but DALI does not)."""
-    from PIL import Image
-
-    out = io.BytesIO()
-    with Image.open(io.BytesIO(data.tobytes())) as im:
-        im.convert("RGB").save(out, format="JPEG", quality=95)
-    return np.frombuffer(out.getvalue(), dtype=np.uint8)
-
-
-def to_torch(
+def dali_to_torch(
     outputs: tuple, *, device: torch.device, dtype: torch.dtype = torch.float32, channels_last: bool = False
-) -> ViewBatch:
-    """DALI outputs ``(view_0, ..., view_{V-1}, labels)`` -> ``ViewBatch`` on ``device``: one copy per view
-    from DALI's buffer into torch memory, made before the pipeline runs again.
-
-    Not zero-copy on purpose: the CPU pipeline runs on DALI's classic executor, which reuses its
-    output buffers at a later run (``pipeline.augment.build_pipeline``), so a tensor viewing them
-    would change under the training loop. (Zero-copy with DALI's dynamic executor, which keeps
-    referenced outputs alive, gained +3.7% pairs/s, within the noise, and one CI run then segfaulted
-    at interpreter exit after every test had passed; the classic executor saves more.)"""
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """DALI outputs ``(view_0, ..., view_{V-1}, labels)`` -> ``(views, labels)`` on ``device``: one copy
+    per view from DALI's buffer into torch memory, made before the pipeline runs again. The copy is
+    needed: the CPU pipeline runs on DALI's classic executor, which reuses its output buffers at a
+    later run (``pipeline.augment.build_pipeline``), so a tensor viewing them would change under the
+    training loop."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
@@ -327,7 +246,7 @@ def to_torch(
     labels = torch.from_numpy(
         np.array(outputs[-1].as_tensor()).reshape(len(outputs[-1]), -1)[:, 0].astype(np.int64)
     )
-    return ViewBatch(views=views, labels=labels.to(device, non_blocking=True))
+    return views, labels.to(device, non_blocking=True)
 
 
 #: glibc malloc parameters (mallopt(3): M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD = -1, M_TOP_PAD = -2).
@@ -465,30 +384,35 @@ class ViewLoader:
         pipe.build()
         return pipe
 
-    def _to_torch(self, outputs: tuple) -> ViewBatch:
-        return to_torch(outputs, device=self.device, dtype=self.dtype, channels_last=self.channels_last)
+    def _to_torch(self, outputs: tuple, batch: _Batch) -> ViewBatch:
+        views, labels = dali_to_torch(
+            outputs, device=self.device, dtype=self.dtype, channels_last=self.channels_last
+        )
+        return ViewBatch(views=views, labels=labels, keys=batch.keys, num_large=self.recipe.num_large)
 
     def _repair(self, batches: list[_Batch], reencode: bool) -> None:
-        """Replace every sample PIL cannot decode by a decodable one of the same batch (in place)."""
+        """Replace every sample PIL cannot decode by a decodable one of the same batch (in place, by the
+        reader's fill rule); ``reencode``: also rewrite every image as a baseline JPEG."""
         for batch in batches:
-            good = [i for i, a in enumerate(batch.arrays) if _decodes(a)]
-            bad = sorted(set(range(len(batch.arrays))) - set(good))
-            if not good:
+            items = list(zip(batch.arrays, batch.labels.tolist(), batch.keys))
+            slots = [item if decode_problem(item[0].tobytes()) is None else None for item in items]
+            donors = [s for s in slots if s is not None]
+            if not donors:
                 raise RuntimeError(
                     f"ViewLoader: no decodable image in a batch (keys {batch.keys[:4]}...); cannot fill it"
                 )
-            for j, i in enumerate(bad):
-                src = good[j % len(good)]
-                log.warning(
-                    "ViewLoader: DALI could not decode sample %r; replaced by %r",
-                    batch.keys[i],
-                    batch.keys[src],
-                )
-                batch.arrays[i], batch.labels[i] = batch.arrays[src], batch.labels[src]
-                batch.keys[i] = batch.keys[src]
-            self._counters["decode_fallback"] += len(bad)
+            full, count = fill_batch(slots, donors)
+            for bad, (_, _, key) in zip(slots, items):
+                if bad is None:
+                    log.warning("ViewLoader: DALI could not decode sample %r; its slot was filled", key)
+            batch.arrays = [a for a, _, _ in full]
+            batch.labels = np.asarray([label for _, label, _ in full], dtype=np.int64)
+            batch.keys = [k for _, _, k in full]
+            self._counters["decode_fallback"] += count
             if reencode:
-                batch.arrays = [_reencode(a) for a in batch.arrays]
+                batch.arrays = [
+                    np.frombuffer(reencode_jpeg(a.tobytes()), dtype=np.uint8) for a in batch.arrays
+                ]
 
     def prepare(self, epoch: int, start_batch: int = 0) -> None:
         """Announce the segment the next ``epoch()`` call will ask for. Once the segment being
@@ -563,12 +487,12 @@ class ViewLoader:
                         segment.batch_size, lane.seed(index, failures), lane.source, lane.index
                     )
                     continue
-                lane.inflight.popleft()
+                batch = lane.inflight.popleft()
                 segment.outputs += 1
                 failures = 0
                 index += 1
-                if segment.feeder.read_all.is_set():
+                if segment.feeder.exhausted.is_set():
                     self._start_prepared()
-                yield self._to_torch(outputs)
+                yield self._to_torch(outputs, batch)
         finally:
             segment.close()

@@ -75,6 +75,8 @@ def test_views_per_recipe(images, recipe, sizes, num_large):
         assert all(v.dtype == torch.float32 and v.device.type == "cpu" for v in batch.views)
         assert all(torch.isfinite(v).all() for v in batch.views)
         assert batch.labels.dtype == torch.int64 and batch.labels.tolist() == list(range(4 * i, 4 * i + 4))
+        assert batch.keys == [f"{j:06d}" for j in range(4 * i, 4 * i + 4)]  # the reader's, in slot order
+        assert batch.num_large == recipe.num_large
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -19,15 +19,9 @@ import pytest
 from PIL import Image
 
 from pipeline import reader as reader_mod
-from pipeline.reader import (
-    RawBatch,
-    ShardReader,
-    plan_epoch,
-    samples_per_rank,
-    shard_order,
-    shuffle_order,
-    split_workers,
-)
+from pipeline.plan import plan_epoch, samples_per_rank, shard_order, shuffle_order, split_workers
+from pipeline.reader import RawBatch, ShardReader
+from pipeline.shards import format as shard_format
 from pipeline.shards.manifest import Manifest, ShardInfo, save_manifest
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -238,13 +232,14 @@ def test_resume_equals_uninterrupted_and_skips_consumed(clean_set, workers, monk
     reader = ShardReader(clean_set, batch_size=4, num_workers=workers, shuffle_buffer=10, seed=1)
     full = epoch_batches(reader, 3)
     finished = Counter()
-    real_finish = ShardReader._finish
+    real_validated = reader_mod.validated
 
-    def spy(self, shard_name, group):
-        finished[group["__key__"]] += 1
-        return real_finish(self, shard_name, group)
+    def spy(items, *args):
+        for ordinal, sample in items:
+            finished[sample.key] += 1
+            yield from real_validated(iter([(ordinal, sample)]), *args)
 
-    monkeypatch.setattr(ShardReader, "_finish", spy)
+    monkeypatch.setattr(reader_mod, "validated", spy)
     for start in (0, 1, 7, 17, 24, 25):
         finished.clear()
         resumed = epoch_batches(reader, 3, start)
@@ -337,13 +332,13 @@ def test_dali_index_seek_skips_headers_and_changes_nothing(digits_shards, monkey
     for shard in stale.manifest.shards:  # another shard's index: names differ, so it must be ignored
         shard.index = with_index.manifest.shards[0].index
     headers = Counter()
-    real_read = reader_mod._read_exact
+    real_read = shard_format.read_exact
 
     def counting_read(stream, n):
         headers[current] += n == 512
         return real_read(stream, n)
 
-    monkeypatch.setattr(reader_mod, "_read_exact", counting_read)
+    monkeypatch.setattr(shard_format, "read_exact", counting_read)
     for start in (0, 7):
         results = {}
         for current, reader in (("index", with_index), ("plain", without_index), ("stale", stale)):
