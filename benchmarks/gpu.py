@@ -104,7 +104,6 @@ def run(args) -> dict[str, Any]:
 
     from cluster.config import load_config
     from pipeline import storage
-    from pipeline.augment import preset
     from pipeline.loader import ViewBatch, ViewLoader
     from pipeline.reader import ShardReader
     from training.loop import build_train_state, train_step
@@ -141,7 +140,7 @@ def run(args) -> dict[str, Any]:
         )
         return ViewLoader(
             reader,
-            preset(cfg.views.preset, **cfg.views.options),
+            cfg.views.recipe(),
             device=device,
             seed=seed,
             num_threads=cfg.views.num_threads,
@@ -167,10 +166,14 @@ def run(args) -> dict[str, Any]:
         seed=cfg.run.seed,
     )
     layout = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    sizes = [spec.size for spec in preset(cfg.views.preset, **cfg.views.options).views]
+    recipe = cfg.views.recipe()
     synthetic = ViewBatch(
-        views=[torch.randn(batch, 3, s, s, device=device).contiguous(memory_format=layout) for s in sizes],
+        views=[
+            torch.randn(batch, 3, s, s, device=device).contiguous(memory_format=layout) for s in recipe.sizes
+        ],
         labels=torch.zeros(batch, dtype=torch.int64, device=device),
+        keys=[f"{i:09d}" for i in range(batch)],
+        num_large=recipe.num_large,
     )
 
     def forever(item):
@@ -198,7 +201,7 @@ def run(args) -> dict[str, Any]:
         "setup": {
             "config": str(args.config),
             "data": data if args.data else "builtin:photos (temporary)",
-            "views": sizes,
+            "views": recipe.sizes,
             "arch": cfg.model.arch,
             "bf16": device.type == "cuda",  # train_step autocasts to bf16 on CUDA only
             "channels_last": cfg.model.channels_last,

@@ -1,8 +1,7 @@
 """One ReLIC training step on a ``TrainState``, and the state's exact save/restore.
 
-Batches are anything with ``.views`` (a list of tensors [B,3,H,W], the large views first) and
-``.labels``; the number of large views is ``batch.num_large`` when the batch has it, otherwise the
-number of leading views with the first view's shape. The cluster layer may replace ``state.model`` by
+Batches are anything with the attributes of :class:`Batch` (``pipeline.loader.ViewBatch`` in
+production): the views, the large ones first, and how many are large. The cluster layer may replace ``state.model`` by
 ``DistributedDataParallel(state.model)``: the online forward then goes through the wrapper (one
 forward per backward, so DDP's gradient averaging applies), while the EMA update, the optimiser and
 checkpoints use the unwrapped module (``state.online``).
@@ -22,7 +21,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +34,16 @@ from training.config import ModelConfig, ObjectiveConfig, OptimConfig, ScheduleC
 from training.loss import LossTerms, relic_loss
 from training.model import EMATarget, build_model
 from training.optim import build_optimizer, lr_schedule, momentum_schedule
+
+
+class Batch(Protocol):
+    """What ``train_step`` needs of a batch."""
+
+    views: Sequence[torch.Tensor]
+    """``[B, 3, H_v, W_v]`` per view; the first ``num_large`` are the large (target) views, all of one
+    shape."""
+    num_large: int
+
 
 Objective = Callable[[list[torch.Tensor], list[torch.Tensor]], LossTerms]
 """Replacement objective for baselines and benchmarks: (online projections, local target projections)."""
@@ -237,18 +246,6 @@ def build_train_state(
     )
 
 
-def num_large_views(batch: Any) -> int:
-    """``batch.num_large`` if present, else the number of leading views shaped like the first."""
-    declared = getattr(batch, "num_large", None)
-    if declared is not None:
-        return int(declared)
-    shape = batch.views[0].shape
-    count = 1
-    while count < len(batch.views) and batch.views[count].shape == shape:
-        count += 1
-    return count
-
-
 def relic_objective(
     state: TrainState, online: list[torch.Tensor], target: list[torch.Tensor]
 ) -> tuple[LossTerms, torch.Tensor]:
@@ -325,7 +322,19 @@ def enqueue(state: TrainState, gathered: torch.Tensor) -> None:
     state.queue_ptr = (state.queue_ptr + gathered.shape[1]) % size
 
 
-def train_step(state: TrainState, batch: Any, *, objective: Objective | None = None) -> dict[str, float]:
+def check_views(batch: Batch) -> int:
+    """``batch.num_large``, after checking it against the views: at least one, at most all of them,
+    and the large views of one shape (the target network sees them as one contrast set)."""
+    large, views = int(batch.num_large), batch.views
+    if not 1 <= large <= len(views):
+        raise ValueError(f"batch.num_large is {large}, expected 1..{len(views)} (the number of views)")
+    shapes = [tuple(v.shape) for v in views[:large]]
+    if len(set(shapes)) != 1:
+        raise ValueError(f"the {large} large views must share one shape, got {shapes}")
+    return large
+
+
+def train_step(state: TrainState, batch: Batch, *, objective: Objective | None = None) -> dict[str, float]:
     """Forward every view, ReLIC loss, backward, optimiser step, EMA update, queue update.
 
     Returns floats averaged over ranks: ``loss`` (= ``total``), ``contrastive``, ``invariance``, and the
@@ -341,8 +350,8 @@ def train_step(state: TrainState, batch: Any, *, objective: Objective | None = N
             f"step {state.step} is past the end of the schedule ({state.total_steps} steps = "
             f"epochs x {state.steps_per_epoch} steps per epoch)"
         )
+    large = check_views(batch)
     views: Sequence[torch.Tensor] = [v.to(state.device, non_blocking=True) for v in batch.views]
-    large = num_large_views(batch)
     state.model.train()
     autocast = torch.autocast(
         "cuda", dtype=torch.bfloat16, enabled=state.bf16 and state.device.type == "cuda"

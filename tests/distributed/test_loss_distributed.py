@@ -37,6 +37,7 @@ MODES = ("ema", "online")
 class Batch:
     views: list[torch.Tensor]
     labels: torch.Tensor
+    num_large: int = 2
 
 
 def make_state(target: str) -> TrainState:

@@ -15,8 +15,8 @@ from training.loop import (
     NonFiniteLossError,
     TrainState,
     build_train_state,
+    check_views,
     enqueue,
-    num_large_views,
     train_step,
 )
 from training.loss import relic_loss
@@ -29,6 +29,7 @@ BATCH = 4
 class Batch:
     views: list[torch.Tensor]
     labels: torch.Tensor
+    num_large: int = 2
 
 
 def tiny_model() -> ReLICModel:
@@ -172,8 +173,30 @@ def test_step_equals_its_parts(target):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_num_large_views_from_batch_or_shapes():
-    data = batches(1, small_views=2)[0]
-    assert num_large_views(data) == 2
-    data.num_large = 1
-    assert num_large_views(data) == 1
+def test_the_batch_says_how_many_views_are_large():
+    """``num_large`` comes from the batch, never from the shapes: small crops of the large size stay
+    small, four large views are four targets, and large views of unequal shape are refused."""
+    g = torch.Generator().manual_seed(0)
+
+    def views(*sizes):
+        return [torch.randn(BATCH, 3, s, s, generator=g) for s in sizes]
+
+    labels = torch.zeros(BATCH, dtype=torch.long)
+    assert check_views(Batch(views(8, 8, 8, 8), labels, num_large=2)) == 2  # small crops of the large size
+    assert check_views(Batch(views(8, 8, 8, 8), labels, num_large=4)) == 4
+    with pytest.raises(
+        ValueError, match=r"large views must share one shape, got \[\(4, 3, 8, 8\), \(4, 3, 4, 4\)\]"
+    ):
+        check_views(Batch(views(8, 4, 4), labels, num_large=2))
+    with pytest.raises(ValueError, match=r"num_large is 3, expected 1\.\.2"):
+        check_views(Batch(views(8, 8), labels, num_large=3))
+
+    # four large views of one shape: the target network sees all four (a shape heuristic would too,
+    # but with num_large=2 and four equal views it must see only the first two)
+    state = small_state()
+    seen = []
+    forward = state.target.forward
+    state.target.forward = lambda v: seen.append(len(v)) or forward(v)
+    train_step(state, Batch(views(8, 8, 8, 8), labels, num_large=4))
+    train_step(state, Batch(views(8, 8, 8, 8), labels, num_large=2))
+    assert seen == [4, 2]
