@@ -133,19 +133,20 @@ def run_direct(shards: str, epochs: int, timer: str) -> dict:
     # Ray starts a worker with OMP_NUM_THREADS = its CPUs (1); give the direct process the same
     # thread budget before torch/numpy load their thread pools.
     os.environ["OMP_NUM_THREADS"] = "1"
+    from cluster.session import LocalSession
     from cluster.storage import RunStorage
-    from cluster.trainer import make_loop_config, preflight
-    from cluster.worker import LocalSession, run_loop
+    from cluster.trainer import preflight, worker_spec
+    from cluster.worker import run_loop
 
     with tempfile.TemporaryDirectory(prefix="relic-bench-") as tmp:
         cfg = _config(shards, tmp, "direct", epochs, workers=1, knn=False)
         facts = preflight(cfg)
         storage = RunStorage.from_url(tmp)
-        loop_config = make_loop_config(cfg, storage, hooks=[StepTimer(timer)], sha="benchmark")
+        spec = worker_spec(cfg, storage, hooks=[StepTimer(timer)], sha="benchmark")
         session = LocalSession(storage.run_url(cfg.run.name))
         os.makedirs(session.run_dir, exist_ok=True)
         t0 = time.perf_counter()
-        run_loop(loop_config, session)
+        run_loop(spec, session)
         wall = time.perf_counter() - t0
         waits = [r["data_wait_fraction"] for r in session.reports if r["epoch"] >= 1]
     return {

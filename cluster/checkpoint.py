@@ -9,8 +9,13 @@ A checkpoint is a directory ``checkpoint-<step:08d>`` inside the run directory (
     meta.json        step, epoch, batch_in_epoch, git SHA, time — readable without torch
 
 Only rank 0 writes files: every rank holds the same weights (DDP) and the data position is the same
-on every rank (all ranks step in lockstep); the other ranks report ``checkpoint=None`` at the same
-call, which Ray Train's ``report`` requires of every rank.
+on every rank (all ranks step in lockstep); the other ranks report the checkpoint's name without a
+directory at the same call, which Ray Train's ``report`` requires of every rank.
+
+:class:`Checkpointer` is the worker loop's component for all of it: the cadence (every
+``run.checkpoint_every`` steps, every ``run.checkpoint_every_epochs``-th epoch end, the last step),
+the segments the loop trains in (a checkpoint is always the start of a segment, so a resumed run asks
+the data path for exactly the segment the uninterrupted run did), writing, and restoring.
 
 Resume is exact: ``restore`` loads the state, after which the worker continues the same epoch at
 ``state.batch_in_epoch``; ``ShardReader.epoch(epoch, start_batch)`` skips the consumed batches without
@@ -20,9 +25,11 @@ reading them, so within the epoch no sample is seen twice or skipped.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,7 +40,10 @@ import torch
 import yaml
 
 from cluster.config import ExperimentConfig, config_from_dict
+from cluster.session import PendingCheckpoint
 from pipeline import storage as fsutil
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.yaml"
@@ -198,6 +208,100 @@ class _local_copy:
     def __exit__(self, *exc: Any) -> None:
         if self.tmp is not None:
             self.tmp.cleanup()
+
+
+def segment_end(step: int, *, steps_per_epoch: int, checkpoint_every: int, end_step: int) -> int:
+    """The first segment boundary after ``step``: the epoch end, the next multiple of
+    ``checkpoint_every`` (0: none) or ``end_step``, whichever comes first."""
+    stop = min((step // steps_per_epoch + 1) * steps_per_epoch, end_step)
+    if checkpoint_every:
+        stop = min(stop, (step // checkpoint_every + 1) * checkpoint_every)
+    return stop
+
+
+def checkpoint_due(
+    step: int, *, steps_per_epoch: int, checkpoint_every: int, checkpoint_every_epochs: int, end_step: int
+) -> bool:
+    """Whether a checkpoint is written after ``step`` steps: at ``end_step``, at multiples of
+    ``checkpoint_every`` and at the end of every ``checkpoint_every_epochs``-th epoch (0: none)."""
+    if step == end_step or (checkpoint_every and step % checkpoint_every == 0):
+        return True
+    epochs, within = divmod(step, steps_per_epoch)
+    return within == 0 and bool(checkpoint_every_epochs) and epochs % checkpoint_every_epochs == 0
+
+
+class Checkpointer:
+    """Checkpoint cadence, segments, writing and restoring for one rank of a run (module doc)."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        session: Any,
+        *,
+        steps_per_epoch: int,
+        total_steps: int,
+        batch_size: int,
+        git_sha: str,
+    ) -> None:
+        self.cfg, self.session = cfg, session
+        self.steps_per_epoch, self.batch_size, self.git_sha = steps_per_epoch, batch_size, git_sha
+        max_steps = cfg.run.max_steps
+        self.end_step = total_steps if max_steps is None else min(total_steps, max_steps)
+        """The last step this run trains to (``run.max_steps`` truncates the schedule)."""
+
+    def segment_end(self, step: int) -> int:
+        return segment_end(
+            step,
+            steps_per_epoch=self.steps_per_epoch,
+            checkpoint_every=self.cfg.run.checkpoint_every,
+            end_step=self.end_step,
+        )
+
+    def due(self, step: int) -> bool:
+        return checkpoint_due(
+            step,
+            steps_per_epoch=self.steps_per_epoch,
+            checkpoint_every=self.cfg.run.checkpoint_every,
+            checkpoint_every_epochs=self.cfg.run.checkpoint_every_epochs,
+            end_step=self.end_step,
+        )
+
+    def restore(self, state: Any) -> int | None:
+        """Load the session's checkpoint into ``state``; its step, or None for a fresh start."""
+        with self.session.checkpoint_dir() as (directory, where):
+            if directory is None:
+                return None
+            meta = restore(state, directory)
+        if self.session.rank == 0:
+            log.warning(
+                "resumed from %s at step %d (epoch %d, batch %d)",
+                where,
+                meta["step"],
+                state.epoch,
+                state.batch_in_epoch,
+            )
+        return state.step
+
+    def write(self, state: Any) -> PendingCheckpoint:
+        """The checkpoint of ``state``: written to a new local directory on rank 0 (the session takes
+        it over in ``report``), only named on the other ranks."""
+        name = checkpoint_dir_name(state.step)
+        if self.session.rank != 0:
+            return PendingCheckpoint(name, None)
+        directory = tempfile.mkdtemp(prefix="relic-ckpt-")
+        try:
+            world = self.session.world_size
+            state.extra["data"] = {
+                "epoch": state.epoch,
+                "batch_in_epoch": state.batch_in_epoch,
+                "world_size": world,
+            }
+            meta = make_meta(state, git_sha=self.git_sha, world_size=world, batch_size=self.batch_size)
+            write_checkpoint(directory, state, self.cfg, meta)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return PendingCheckpoint(name, directory)
 
 
 def make_meta(state: Any, *, git_sha: str, world_size: int, batch_size: int) -> dict[str, Any]:

@@ -173,7 +173,7 @@ def train_encoders(
 def load_eval_data(
     urls: Mapping[str, str], recipe: Any, *, max_train: int | None = None, max_test: int | None = None
 ) -> EvalData:
-    from cluster.labelled import load_labelled_images
+    from pipeline.labelled import load_labelled_images
 
     view = recipe.views[0]
     return EvalData(
@@ -303,7 +303,6 @@ def run(args: argparse.Namespace) -> int:
     log = _Clock()
     out = Path(args.out).resolve()
     from cluster.config import ConfigError, load_config
-    from pipeline.augment import preset
 
     base_overrides = list(QUICK_OVERRIDES if args.quick else ()) + list(args.overrides)
     try:
@@ -311,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"relic demo: {e}", file=sys.stderr)
         return 2
-    recipe = preset(probe_cfg.views.preset, **probe_cfg.views.options)
+    recipe = probe_cfg.views.recipe()
     image_size = recipe.views[0].size
     log(f"relic demo: config {args.config}, output {out}")
 

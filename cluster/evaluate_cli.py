@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cluster.labelled import load_labelled_images
 from pipeline import storage
+from pipeline.labelled import load_labelled_images
 
 
 def log_line(message: str) -> None:
@@ -91,7 +91,6 @@ def _ints(text: str, what: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from cluster.checkpoint import load_model_from_checkpoint
-    from pipeline.augment import preset
     from training import evaluate as ev
 
     t0 = time.monotonic()
@@ -121,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"relic eval: {e}", file=sys.stderr)
         return 2
     cfg = loaded.config
-    view = preset(cfg.views.preset, **cfg.views.options).views[0]
+    view = cfg.views.recipe().views[0]
     size = args.size or view.size
     log_line(
         f"relic eval: {loaded.path} (step {loaded.step}, epoch {loaded.epoch}, {cfg.model.arch}), images {size}px"

@@ -45,8 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.config import ConfigError, ExperimentConfig
+from cluster.config import ConfigError, ExperimentConfig, redact_override
 from cluster.storage import RunStorage
+from cluster.worker import DataOptions, WorkerSpec
 from pipeline import storage as fsutil
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
     Raises ConfigError naming the key for: unreadable manifests, fewer samples than one batch per
     rank, kNN splits without labels.
     """
-    from pipeline.reader import samples_per_rank
+    from pipeline.plan import samples_per_rank
     from pipeline.shards.manifest import load_manifest
 
     def manifest(key: str, url: str):
@@ -215,7 +216,7 @@ def run_info(cfg: ExperimentConfig) -> dict[str, Any]:
 
     return {
         "git_sha": git_sha(),
-        "command": shlex.join(sys.argv),
+        "command": shlex.join(redact_override(a) for a in sys.argv),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(),
         "python": sys.version.split()[0],
@@ -299,37 +300,37 @@ def progress_line(m: dict[str, Any]) -> str:
 # fit
 
 
-def make_loop_config(
+def worker_spec(
     cfg: ExperimentConfig,
     storage: RunStorage,
     *,
     hooks: Sequence[Any] = (),
     sha: str | None = None,
     sink: Any = None,
-) -> dict[str, Any]:
-    """What every worker receives (``cluster.worker.train_loop``): plain, picklable values. Storage
-    options are resolved here, on the driver, so that workers see the endpoints the user configured.
-    ``sink``: the actor that carries rank 0's metrics to the driver (``fit``)."""
-    return {
-        "config": cfg.to_dict(),
-        "run_dir": storage.run_url(cfg.run.name),
-        "run_storage_options": storage.options,
-        "data_storage_options": {
-            "train": data_options(cfg, cfg.data.train),
-            "knn_train": data_options(cfg, cfg.data.knn_train or cfg.data.train),
-            "knn_val": data_options(cfg, cfg.data.knn_val) if cfg.data.knn_val else {},
-        },
-        "git_sha": sha or git_sha(),
-        "hooks": list(hooks),
-        "sink": sink,
-    }
+) -> WorkerSpec:
+    """What every worker receives (``cluster.worker.train_loop``). Storage options are resolved here,
+    on the driver, so that workers see the endpoints the user configured. ``sink``: the actor that
+    carries rank 0's metrics to the driver (``fit``)."""
+    return WorkerSpec(
+        config=cfg,
+        run_dir=storage.run_url(cfg.run.name),
+        run_storage_options=storage.options,
+        data_options=DataOptions(
+            train=data_options(cfg, cfg.data.train),
+            knn_train=data_options(cfg, cfg.data.knn_train or cfg.data.train),
+            knn_val=data_options(cfg, cfg.data.knn_val) if cfg.data.knn_val else {},
+        ),
+        git_sha=sha or git_sha(),
+        hooks=list(hooks),
+        sink=sink,
+    )
 
 
 def build_trainer(
     cfg: ExperimentConfig,
     *,
     run_storage: RunStorage,
-    loop_config: dict[str, Any],
+    spec: WorkerSpec,
     callbacks: Sequence[Any] = (),
     worker_env: dict[str, str] | None = None,
 ):
@@ -348,7 +349,7 @@ def build_trainer(
     storage_path, storage_fs = run_storage.ray_storage()
     return TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={"spec": spec},
         torch_config=TorchConfig(backend=cfg.scaling.torch_backend),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -411,11 +412,11 @@ def fit(
     )
 
     sink = _sink_class().remote()
-    loop_config = make_loop_config(cfg, storage, hooks=hooks, sha=info["git_sha"], sink=sink)
+    spec = worker_spec(cfg, storage, hooks=hooks, sha=info["git_sha"], sink=sink)
     trainer = build_trainer(
         cfg,
         run_storage=storage,
-        loop_config=loop_config,
+        spec=spec,
         callbacks=[_callback_class()(sink)],
         worker_env=worker_env,
     )

@@ -117,7 +117,7 @@ class ContrastProbe:
 
 
 def commit_wait_probe(config: dict) -> None:
-    """Ray Train worker function: one ``cluster.worker.RaySession`` (with the driver's report sink)
+    """Ray Train worker function: one ``cluster.session.RaySession`` (with the driver's report sink)
     reports a checkpoint at a segment end, then metrics within a segment, then a segment end, and
     writes to ``config["out"]`` whether the session still owed the commit wait after the last two
     (``"waiting"``) and how many checkpoints the controller had committed after the segment end."""
@@ -125,7 +125,7 @@ def commit_wait_probe(config: dict) -> None:
 
     import ray.train
 
-    from cluster.worker import RaySession
+    from cluster.session import PendingCheckpoint, RaySession
 
     session = RaySession(use_gpu=False, sink=config["sink"])
 
@@ -137,11 +137,11 @@ def commit_wait_probe(config: dict) -> None:
 
     directory = tempfile.mkdtemp()
     Path(directory, "state.txt").write_text("1")
-    session.report({"step": 1}, directory, "checkpoint-1")
+    session.report({"step": 1}, PendingCheckpoint("checkpoint-1", directory), at_segment_end=True)
     after = {}
     session.report({"step": 2}, at_segment_end=False)
     after["metrics"] = {"waiting": session._uncommitted}
-    session.report({"step": 3})
+    session.report({"step": 3}, at_segment_end=True)
     after["segment_end"] = {"waiting": session._uncommitted, "committed": committed()}
     Path(config["out"]).write_text(json.dumps(after))
 

@@ -16,7 +16,7 @@ import torchvision
 from PIL import Image
 
 from cluster import demo, report
-from cluster.labelled import load_labelled_images
+from pipeline.labelled import load_labelled_images
 from training.model import build_encoder, resnet
 
 REPO = Path(__file__).resolve().parents[2]

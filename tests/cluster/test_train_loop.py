@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.checkpoint import latest_checkpoint, load_model_from_checkpoint
+from cluster.checkpoint import checkpoint_due, latest_checkpoint, load_model_from_checkpoint, segment_end
 from cluster.config import load_config
+from cluster.reporting import aggregate
+from cluster.session import LocalSession
 from cluster.storage import RunStorage
-from cluster.trainer import make_loop_config, progress_line
-from cluster.worker import LocalSession, aggregate, checkpoint_due, run_loop, segment_end
+from cluster.trainer import progress_line, worker_spec
+from cluster.worker import run_loop
 
 TINY = Path(__file__).with_name("tiny.yaml")
 
@@ -128,7 +130,7 @@ def _run(shards: str, root: Path, *overrides: str) -> tuple[LocalSession, list[d
 
     session = LocalSession(storage.run_url("local"))
     Path(session.run_dir).mkdir(parents=True, exist_ok=True)
-    run_loop(make_loop_config(cfg, storage, hooks=[Collect()], sha="test"), session)
+    run_loop(worker_spec(cfg, storage, hooks=[Collect()], sha="test"), session)
     return session, records
 
 
