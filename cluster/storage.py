@@ -49,12 +49,8 @@ class RunStorage:
         return fsutil.join(self.url, name, *parts)
 
     def write_text(self, url: str, text: str) -> None:
-        fs, path = fsutil.filesystem(url, self.options)
-        parent = fsutil.dirname(url)
-        if not self.is_remote:
-            os.makedirs(parent, exist_ok=True)
-        with fs.open(path, "w") as f:
-            f.write(text)
+        """Write ``text`` atomically (``pipeline.storage.write_atomic``)."""
+        fsutil.write_atomic(url, text.encode(), self.options)
 
     def read_text(self, url: str) -> str:
         with fsutil.open_url(url, "r", self.options) as f:

@@ -31,6 +31,7 @@ controller's next poll: the workers call it at segment ends only (``cluster.work
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -147,6 +148,24 @@ def ray_session(
 
 def data_options(cfg: ExperimentConfig, url: str) -> dict[str, Any]:
     return fsutil.storage_options(url, endpoint_url=cfg.data.endpoint_url, profile=cfg.data.profile)
+
+
+def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with its relative local paths (training and kNN shards, run storage) made absolute
+    against this process's working directory: Ray Train runs its workers in a directory of its own."""
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or fsutil.is_remote(path) else os.path.abspath(path)
+
+    data = dataclasses.replace(
+        cfg.data,
+        train=absolute(cfg.data.train),
+        knn_train=absolute(cfg.data.knn_train),
+        knn_val=absolute(cfg.data.knn_val),
+    )
+    return dataclasses.replace(
+        cfg, data=data, run=dataclasses.replace(cfg.run, storage=absolute(cfg.run.storage))
+    )
 
 
 def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -393,6 +412,7 @@ def fit(
     if not ray.is_initialized():
         raise RuntimeError("fit() needs a Ray connection: wrap it in cluster.trainer.ray_session()")
     emit = progress if callable(progress) else (print if progress else (lambda _line: None))
+    cfg = with_absolute_paths(cfg)
     facts = preflight(cfg)
     # Ray Train gives a worker group 60 s to start, then counts a failure. Starting workers that import
     # torch and DALI on a busy CPU node can take longer; Ray propagates this variable from the driver.
@@ -497,13 +517,15 @@ def _as_url(storage: RunStorage, fs_path: str) -> str:
 
 
 def _write_history(storage: RunStorage, cfg: ExperimentConfig, history: list[dict[str, Any]]) -> None:
-    """Append this fit's reports to ``<run_dir>/metrics.jsonl`` (a resumed run adds to the file)."""
+    """Merge this fit's reports into ``<run_dir>/metrics.jsonl``: one line per step, in step order; a
+    step trained again after a restart or a resume keeps its latest report."""
     if not history:
         return
     url = storage.run_url(cfg.run.name, "metrics.jsonl")
-    text = "".join(json.dumps(m, sort_keys=True) + "\n" for m in history)
     try:
-        previous = storage.read_text(url) if storage.exists(url) else ""
-        storage.write_text(url, previous + text)
+        previous = storage.read_text(url).splitlines() if storage.exists(url) else []
+        by_step = {int(m["step"]): m for m in [*map(json.loads, previous), *history]}
+        text = "".join(json.dumps(by_step[s], sort_keys=True) + "\n" for s in sorted(by_step))
+        storage.write_text(url, text)
     except Exception as e:  # the run itself succeeded or failed already; do not mask that
         log.warning("could not write metrics.jsonl: %s", e)

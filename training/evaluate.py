@@ -2,7 +2,7 @@
 
 Everything here works on plain tensors — images ``[N, 3, H, W]`` with values in ``[0, 1]`` (float) or
 ``0..255`` (uint8) and integer labels ``[N]`` — so it runs without Ray, DALI or the shard pipeline
-(``cluster.evaluate_cli`` decodes labelled shards into such tensors).
+(``commands.evaluate`` decodes labelled shards into such tensors).
 
 - :func:`extract_features`: the encoder in eval mode, no gradient, batch by batch; images are
   normalised with the training recipe's mean/std first.

@@ -15,7 +15,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from cluster import demo, report
+from commands import demo, report
 from pipeline.labelled import load_labelled_images
 from training.model import build_encoder, resnet
 
@@ -112,7 +112,7 @@ def _relic(*argv: str, env: dict, timeout: float) -> subprocess.CompletedProcess
     """Run ``relic ARGV`` in a fresh process group; on timeout the whole group (with the local Ray
     instance it started) is killed, so nothing outlives the test."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", *argv],
+        [sys.executable, "-m", "commands.cli", *argv],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

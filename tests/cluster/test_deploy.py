@@ -132,7 +132,7 @@ def test_dockerfile_installs_the_project_from_the_constraints_file(flavor):
     assert f'org.opencontainers.image.version="{project_version()}"' in label
     # The default command is the node check, through the console script pyproject declares.
     assert instructions(flavor, "CMD") == ['["relic", "doctor"]']
-    assert pyproject()["project"]["scripts"]["relic"] == "cluster.cli:main"
+    assert pyproject()["project"]["scripts"]["relic"] == "commands.cli:main"
 
 
 @pytest.mark.parametrize("flavor", DOCKERFILES)
@@ -161,9 +161,10 @@ def test_copy_sources_exist_and_pass_dockerignore():
         for src in sources:
             assert (REPO / src).exists(), f"COPY {src}: not in the repository"
             assert src.split("/")[0] in allowed, f"COPY {src}: excluded by .dockerignore"
-    # Every package the wheel needs is copied (setuptools finds pipeline*, training*, cluster*).
+    # Every package the wheel needs is copied (those setuptools finds, per pyproject.toml), and the configs.
+    packages = {p.rstrip("*") for p in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]}
     copied = {a.split()[-2] for a in instructions("cu130", "COPY")}
-    assert {"pipeline", "training", "cluster", "configs"} <= copied
+    assert packages | {"configs"} <= copied, packages - copied
 
 
 def hadolint() -> str:
@@ -328,8 +329,8 @@ def _cpu(quantity) -> float:
 
 
 def test_rayjob_entrypoint_is_a_valid_relic_train_command_and_the_gpus_add_up():
-    from cluster import cli
     from cluster.config import load_config
+    from commands import cli
 
     manifest = load_yaml(RAYJOB)
     assert manifest["spec"]["shutdownAfterJobFinishes"] is True

@@ -11,7 +11,7 @@ import tarfile
 
 import pytest
 
-from cluster import cli, doctor
+from commands import cli, doctor
 from pipeline import storage
 from pipeline.shards.manifest import Manifest, ShardInfo, save_manifest
 
@@ -140,7 +140,7 @@ def test_ray_unreachable_fails_within_the_timeout():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     check = doctor.check_ray(f"127.0.0.1:{port}", timeout=2)
-    assert check.status == "FAIL" and "127.0.0.1" in check.detail and check.fix
+    assert check.status == "FAIL" and "127.0.0.1" in check.detail and "RAY_AUTH_MODE=token" in check.fix
 
 
 def test_no_address_is_not_a_problem():

@@ -8,7 +8,7 @@ import json
 import pytest
 from PIL import Image
 
-from cluster import report
+from commands import report
 
 CORRUPTIONS = ["gaussian_noise", "contrast"]
 SEVERITIES = [1, 2]

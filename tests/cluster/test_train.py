@@ -54,16 +54,22 @@ def ray_local(s3_server):
 
 @pytest.fixture(scope="module")
 def reference(ray_local, digits_shards, tmp_path_factory):
-    """An uninterrupted 8-step run with every step recorded on every rank."""
+    """An uninterrupted 8-step run with every step recorded on every rank. The shards and the run
+    storage are given as paths relative to the driver's working directory, as a user types them
+    (Ray Train runs the workers in a directory of its own)."""
     from cluster.trainer import fit
 
     root = tmp_path_factory.mktemp("reference")
     records = root / "records"
     records.mkdir()
     lines: list[str] = []
-    result = fit(
-        tiny(digits_shards, str(root / "runs")), progress=lines.append, hooks=[ray_hooks.Recorder(records)]
-    )
+    cwd = os.getcwd()
+    os.chdir(Path(digits_shards).parent)
+    try:
+        cfg = tiny(Path(digits_shards).name, os.path.relpath(root / "runs"))
+        result = fit(cfg, progress=lines.append, hooks=[ray_hooks.Recorder(records)])
+    finally:
+        os.chdir(cwd)
     return result, ray_hooks.read_records(records), lines
 
 
@@ -264,7 +270,9 @@ def test_a_new_run_with_the_same_name_resumes_from_its_s3_checkpoints(killed_run
     ]
     assert fs.ls(f"{run}/tensorboard")
     history = [json.loads(line) for line in fs.cat(f"{run}/metrics.jsonl").decode().splitlines()]
-    assert history[-1]["step"] == STEPS + 2 and len(history) > 1
+    # each step once, although the killed run trained steps 5..8 twice and this one resumed at 8
+    assert [m["step"] for m in history] == [2, 4, 6, 8, STEPS + 2]
+    assert history[-1]["restored_step"] == STEPS
     loaded = load_model_from_checkpoint(f"{storage}/killed", storage_options=options)
     assert loaded.step == STEPS + 2 and loaded.path.endswith(f"checkpoint-{STEPS + 2:08d}")
 
@@ -292,7 +300,7 @@ def test_bad_config_is_rejected_before_any_worker_starts(ray_local, digits_shard
 def test_cli_rejects_a_bad_config_without_starting_ray(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ""}
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "train", str(TINY), "data.train=/x", "scaling.num_workers=3"],
+        [sys.executable, "-m", "commands.cli", "train", str(TINY), "data.train=/x", "scaling.num_workers=3"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -303,7 +311,7 @@ def test_cli_rejects_a_bad_config_without_starting_ray(tmp_path):
     assert "data.global_batch_size" in proc.stderr and "num_workers=3" in proc.stderr
     assert "Ray" not in proc.stderr and "Ray" not in proc.stdout
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "train", str(TINY), "data.train=/x", "optim.lr=1"],
+        [sys.executable, "-m", "commands.cli", "train", str(TINY), "data.train=/x", "optim.lr=1"],
         capture_output=True,
         text=True,
         timeout=120,

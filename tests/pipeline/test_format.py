@@ -17,10 +17,10 @@ import webdataset as wds
 from shards_helpers import image_bytes
 from webdataset.tariterators import base_plus_ext
 
+from commands.shards import add_arguments
+from commands.shards import run as cli_run
 from pipeline.labelled import load_labelled_images
 from pipeline.reader import ShardReader
-from pipeline.shards.cli import add_arguments
-from pipeline.shards.cli import run as cli_run
 from pipeline.shards.format import LabelRule, NonAdjacentMembers, samples, split_key, tar_members
 from pipeline.shards.index import ShardIndexError, index_shards
 from pipeline.shards.inspect import inspect_shards

@@ -39,7 +39,9 @@ def test_exif_orientations_with_max_side_keep_their_proportions(orientation):
     turned = orientation >= 5  # transpose, quarter turns, transverse
     assert out.shape[:2] == ((100, 50) if turned else (50, 100))
     with Image.open(io.BytesIO(buf.getvalue())) as img:
-        reference = ImageOps.exif_transpose(img).convert("RGB").resize(out.shape[1::-1], Image.Resampling.LANCZOS)
+        reference = (
+            ImageOps.exif_transpose(img).convert("RGB").resize(out.shape[1::-1], Image.Resampling.LANCZOS)
+        )
     assert np.abs(out - np.asarray(reference, dtype=np.float64)).mean() < 4
     assert jpeg_info(jpeg).orientation == 1
 

@@ -12,8 +12,8 @@ import pytest
 import webdataset as wds
 from shards_helpers import image_bytes, read_dali
 
-from pipeline.shards.cli import add_arguments
-from pipeline.shards.cli import run as cli_run
+from commands.shards import add_arguments
+from commands.shards import run as cli_run
 from pipeline.shards.index import ShardIndexError, index_shards
 from pipeline.shards.manifest import load_manifest
 from pipeline.shards.verify import verify_shards

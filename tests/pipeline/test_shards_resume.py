@@ -53,7 +53,7 @@ def test_killed_worker_then_rerun_gives_identical_manifest(tmp_path):
     os.mkfifo(src / names[17])  # blocks the worker that opens it
     (src / "list.csv").write_text("path,label\n" + "".join(f"{n},{i % 3}\n" for i, n in enumerate(names)))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "cluster.cli", "shards", "build", str(src / "list.csv"), str(out)]
+    cmd = [sys.executable, "-m", "commands.cli", "shards", "build", str(src / "list.csv"), str(out)]
     cmd += ["--workers", "2", "--max-samples", str(PER_SHARD), "--index", "--seed", "5", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -8,9 +8,9 @@ import pytest
 import s3fs
 from shards_helpers import read_webdataset
 
+from commands.shards import run as cli_run
 from pipeline import storage
 from pipeline.shards.build import build_shards
-from pipeline.shards.cli import run as cli_run
 from pipeline.shards.index import index_shards
 from pipeline.shards.manifest import load_manifest
 from pipeline.shards.verify import verify_shards
@@ -86,7 +86,7 @@ def test_s3_index_and_verify_detects_damage(s3_bucket, s3_options, tmp_path):
 def test_cli_build_to_s3_with_endpoint_flag(s3_bucket, s3_server, capsys, monkeypatch):
     import argparse
 
-    from pipeline.shards.cli import add_arguments
+    from commands.shards import add_arguments
 
     for k in ("RELIC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(k, raising=False)

@@ -18,7 +18,7 @@ What it does, printing progress all the way:
    both runs started from) on frozen features: weighted kNN and linear probe fitted on the clean
    training split, scored on the clean test split and under every corruption of
    ``training.evaluate.CORRUPTIONS`` at severities 1..5;
-4. writes ``<out>/report/{metrics.json, losses.png, robustness.png, report.md}`` (``cluster.report``)
+4. writes ``<out>/report/{metrics.json, losses.png, robustness.png, report.md}`` (``commands.report``)
    and prints a short table with the report's path.
 
 The recipe in ``configs/demo.yaml`` was chosen on the validation split only (see that file); the
@@ -260,7 +260,7 @@ def history_from_reports(reports: Sequence[Mapping[str, Any]]) -> dict[str, list
 def encoder_entry(
     label: str, alpha: float | None, evaluation: Mapping[str, Any], fit_result: Any | None, epochs: int
 ) -> dict[str, Any]:
-    """One ``metrics["encoders"]`` entry (see ``cluster.report``)."""
+    """One ``metrics["encoders"]`` entry (see ``commands.report``)."""
     history = (
         history_from_reports(fit_result.metrics)
         if fit_result is not None
@@ -375,8 +375,8 @@ def run(args: argparse.Namespace) -> int:
     eval_s = time.monotonic() - t_eval
 
     log("[4/4] writing the report")
-    from cluster.report import terminal_table, write_report
     from cluster.trainer import git_sha
+    from commands.report import terminal_table, write_report
     from training.evaluate import CORRUPTIONS
 
     labels = {"random": "random init", "relic_alpha0": "ReLIC alpha=0", "relic": f"ReLIC alpha={alpha:g}"}

@@ -364,9 +364,11 @@ def check_ray(address: str | None, timeout: float) -> Check:
         )
     fix = (
         "run on a cluster node, or pass the dashboard address (http://HEAD:8265) or ray://HEAD:10001; "
-        "check that the head is up (`ray status`) and that the Ray versions match"
+        "check that the head is up (`ray status`) and that the Ray versions match; a head started with "
+        "Ray's token authentication needs RAY_AUTH_MODE=token here too (the token is read from "
+        "~/.ray/auth_token or RAY_AUTH_TOKEN_PATH), also for `ray job submit`"
     )
-    cmd = [sys.executable, "-c", "import sys, cluster.doctor as d; d._ray_probe_main(sys.argv[1])", address]
+    cmd = [sys.executable, "-c", "import sys, commands.doctor as d; d._ray_probe_main(sys.argv[1])", address]
     # The probe connects to `address`, never to an inherited RAY_ADDRESS, and imports this very module
     # (also from a source checkout that is not installed).
     source_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

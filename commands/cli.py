@@ -20,11 +20,11 @@ import sys
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "shards": ("pipeline.shards.cli", "build, index, verify and inspect WebDataset shards"),
-    "train": ("cluster.train", "pretrain ReLIC with Ray Train from a YAML config"),
-    "eval": ("cluster.evaluate_cli", "evaluate a checkpoint (kNN, linear probe, robustness) and export it"),
-    "demo": ("cluster.demo", "build digits shards, pretrain, evaluate and write a report"),
-    "doctor": ("cluster.doctor", "check what this node offers and whether the system can run here"),
+    "shards": ("commands.shards", "build, index, verify and inspect WebDataset shards"),
+    "train": ("commands.train", "pretrain ReLIC with Ray Train from a YAML config"),
+    "eval": ("commands.evaluate", "evaluate a checkpoint (kNN, linear probe, robustness) and export it"),
+    "demo": ("commands.demo", "build digits shards, pretrain, evaluate and write a report"),
+    "doctor": ("commands.doctor", "check what this node offers and whether the system can run here"),
 }
 
 
@@ -45,7 +45,15 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Options may come before or after ``key=value`` overrides (``relic train CONFIG --print-config
+    # a=b``): argparse ends a positional list at the first option, so the overrides after it are
+    # handed back here.
+    if hasattr(args, "overrides"):
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
