@@ -10,6 +10,10 @@ SOURCE forms (``open_source``):
 - a directory (local or any fsspec URL), ImageFolder style: class = sub-folder name, classes sorted,
   files found recursively below each class folder. A directory without sub-folders is read as one
   unlabelled folder. Every file is an input: non-images are rejected with a reason, not skipped.
+  A sub-folder named like an image file (``photo.jpg/``, any of ``IMAGE_EXTENSIONS``) is neither a
+  class nor read: it is rejected and does not make the folder an ImageFolder tree. A symbolic link
+  loop (a link that never resolves, or a folder link back to a folder that contains it) is rejected
+  and not followed, so every real folder is listed once per path into it.
 - a ``.csv``/``.tsv``/``.txt`` list with a header row holding ``path`` and optionally ``label``.
   Relative paths are resolved against the list file's directory. Labels that are all non-negative
   integers are class indices (classes ``"0".."max"``); otherwise they are class names, sorted.
@@ -25,6 +29,7 @@ SOURCE forms (``open_source``):
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import importlib.util
 import io
@@ -40,6 +45,14 @@ from PIL import Image
 
 from pipeline import storage
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+"""A top-level sub-folder whose name ends in one of these (any case) is not taken as a class folder."""
+DIR_NAMED_LIKE_IMAGE = (
+    "a directory named like an image file: not an image, not taken as a class folder, not read"
+)
+UNRESOLVED_LINK = (
+    "symbolic link loop: the link never reaches a file or folder (it points to itself or around a cycle)"
+)
 DIGITS_SPLIT_SEED = 20210101
 DIGITS_SPLIT_FRACTIONS = {"train": 0.7, "val": 0.1, "test": 0.2}
 PHOTOS_SEED = 1234
@@ -169,53 +182,107 @@ def open_source(
 
 
 def _folder_source(spec: str, fs: Any, root: str, options: dict[str, Any]) -> Source:
-    """Items carry the path relative to the root once (input and ref share the string): a listing of
-    millions of files costs one short string and one small object per file."""
+    """Class folders are the top-level sub-folders not named like image files; without any, the
+    top-level files are one unlabelled set. Items carry the path relative to the root once (input and
+    ref share the string): a listing of millions of files costs one short string and one small object
+    per file."""
     remote = storage.is_remote(spec)
     root = root.rstrip("/")
+    top_files: list[str] = []
+    rejected: list[tuple[str, str]] = []
     if remote:
-        entries = sorted(fs.ls(root, detail=True), key=lambda e: e["name"])
+        entries = fs.ls(root, detail=True)
         top_files = [e["name"][len(root) + 1 :] for e in entries if e["type"] == "file"]
-        class_names = [e["name"].rstrip("/")[len(root) + 1 :] for e in entries if e["type"] == "directory"]
+        top_dirs = [e["name"].rstrip("/")[len(root) + 1 :] for e in entries if e["type"] == "directory"]
 
-        def files_below(name: str) -> list[str]:
-            return sorted(p[len(root) + 1 :] for p in fs.find(f"{root}/{name}"))
+        def files_below(name: str) -> tuple[list[str], list[tuple[str, str]]]:
+            return [p[len(root) + 1 :] for p in fs.find(f"{root}/{name}")], []
 
         base = spec.split("://", 1)[0] + "://" + root
     else:
-        with os.scandir(root) as it:
-            entries = sorted((e.name, e.is_dir()) for e in it)
-        top_files = [n for n, is_dir in entries if not is_dir]
-        class_names = [n for n, is_dir in entries if is_dir]
+        st = os.stat(root)
+        ancestors = {(st.st_dev, st.st_ino): "the SOURCE folder"}
+        dir_ids = dict(_scan_local(root, "", ancestors, top_files, rejected))
+        top_dirs = list(dir_ids)
 
-        def files_below(name: str) -> list[str]:
-            return sorted(_walk_local(root, name))
+        def files_below(name: str) -> tuple[list[str], list[tuple[str, str]]]:
+            files: list[str] = []
+            below_rejected: list[tuple[str, str]] = []
+            _walk_local(root, name, {**ancestors, dir_ids[name]: repr(name)}, files, below_rejected)
+            return files, below_rejected
 
         base = root
+    class_names = sorted(d for d in top_dirs if not d.lower().endswith(IMAGE_EXTENSIONS))
+    rejected += [(d, DIR_NAMED_LIKE_IMAGE) for d in top_dirs if d.lower().endswith(IMAGE_EXTENSIONS)]
     items: list[Item] = []
-    rejected: list[tuple[str, str]] = []
     if not class_names:
-        items = [Item(rel, None, rel) for rel in top_files]
+        items = [Item(rel, None, rel) for rel in sorted(top_files)]
         classes = None
     else:
         classes = class_names
-        rejected = [(rel, "file outside any class folder") for rel in top_files]
+        rejected += [(rel, "file outside any class folder") for rel in top_files]
         for label, name in enumerate(class_names):
-            items.extend(Item(rel, label, rel) for rel in files_below(name))
+            files, below_rejected = files_below(name)
+            items.extend(Item(rel, label, rel) for rel in sorted(files))
+            rejected += below_rejected
+    rejected.sort()
     if not items:
-        raise SourceError(f"SOURCE {spec} holds no files")
+        left_out = "".join(f"\n  {rel}: {reason}" for rel, reason in rejected[:5])
+        raise SourceError(f"SOURCE {spec} holds no files" + (f"; left out:{left_out}" if left_out else ""))
     return Source(spec, items, classes, FileReader(options, base), rejected)
 
 
-def _walk_local(root: str, rel_dir: str):
-    """Relative paths of the files below ``root/rel_dir`` (recursively), '/'-separated."""
+def _scan_local(
+    root: str,
+    rel_dir: str,
+    ancestors: dict[tuple[int, int], str],
+    files: list[str],
+    rejected: list[tuple[str, str]],
+) -> list[tuple[str, tuple[int, int]]]:
+    """The sub-folders of ``root/rel_dir`` as ``(path, (st_dev, st_ino))``; its files are appended to
+    ``files`` and its symbolic link loops to ``rejected``. Paths are '/'-separated, relative to ``root``.
+
+    ``ancestors`` maps the identity of every folder from the root down to ``rel_dir`` to its name in
+    a reason; a sub-folder with one of these identities is a loop. An entry that cannot be checked
+    for another reason (permission denied) counts as a file, for the reader to reject precisely."""
+    dirs = []
     with os.scandir(os.path.join(root, rel_dir)) as it:
         for e in it:
-            rel = f"{rel_dir}/{e.name}"
-            if e.is_dir():
-                yield from _walk_local(root, rel)
+            rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+            try:
+                if not e.is_dir():
+                    files.append(rel)
+                    continue
+                st = e.stat()
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    rejected.append((rel, UNRESOLVED_LINK))
+                else:
+                    files.append(rel)
+                continue
+            key = (st.st_dev, st.st_ino)
+            if key in ancestors:
+                rejected.append(
+                    (rel, f"symbolic link loop: leads back to {ancestors[key]}, a folder it is in")
+                )
             else:
-                yield rel
+                dirs.append((rel, key))
+    return dirs
+
+
+def _walk_local(
+    root: str,
+    rel_dir: str,
+    ancestors: dict[tuple[int, int], str],
+    files: list[str],
+    rejected: list[tuple[str, str]],
+) -> None:
+    """Append the files below ``root/rel_dir`` (recursively) to ``files`` and the loops to
+    ``rejected``, as :func:`_scan_local` does for one folder; ``ancestors`` includes ``rel_dir``."""
+    for rel, key in _scan_local(root, rel_dir, ancestors, files, rejected):
+        ancestors[key] = repr(rel)
+        _walk_local(root, rel, ancestors, files, rejected)
+        del ancestors[key]
 
 
 def _list_source(spec: str, fs: Any, path: str, options: dict[str, Any]) -> Source:
