@@ -29,10 +29,8 @@ operator call serves the whole batch, the same graph on CPU and GPU:
 Pixel type: the crop is uint8 (as decoded); from the colour twist on, the view is float32 on the
 0..255 scale, clamped to [0, 255] right after the twist (where torchvision's uint8 jitter clamps), so
 blur and solarize see exactly the values torchvision's would, without rounding to integers between
-steps. Measured on CPU (DALI 2.4, 2 threads, ImageNet-size photos): the uint8 outputs of
-``color_twist`` and ``gaussian_blur`` round every value through libm's scalar ``roundf``, and that
-plus uint8 in/out conversion was about a third of their cost; the float chain takes ~20% less CPU
-per view pair for the same recipe. On integer pixels solarize matches torchvision's ``x >= 128``
+steps, and without the per-value rounding that uint8 outputs of ``color_twist`` and
+``gaussian_blur`` cost on the CPU (libm's scalar ``roundf``). On integer pixels solarize matches torchvision's ``x >= 128``
 exactly; on float pixels its threshold is the midpoint 127.5 (BYOL's ``x < 0.5`` on [0, 1]).
 
 Known differences from torchvision's ``ColorJitter`` (documented, tested within tolerance in
@@ -485,13 +483,10 @@ def build_pipeline(
         seed=seed & 0x7FFFFFFF,
         prefetch_queue_depth=prefetch_queue_depth,
         # CPU: DALI's classic executor, which keeps every operator's output buffers from one iteration
-        # to the next. DALI's default (dynamic) executor allocates them afresh each iteration, and on
-        # the CPU those megabytes come back from the kernel as new pages: 65-72 page faults per view
-        # pair against 20-30, 7.7-7.9 against 7.2-7.4 CPU-ms per pair and 1,560-1,674 against
-        # 1,172-1,245 MB peak RSS (our loader, relic recipe, 2 threads, 2,000 photos, two rounds
-        # side by side). The price: a run's outputs are only valid until the next run, so consumers
-        # copy them first (pipeline.loader.to_torch does). GPU: DALI's default; device buffers
-        # come from DALI's memory pool.
+        # to the next (the dynamic one allocates them afresh, and on the CPU those megabytes come back
+        # from the kernel as new pages every iteration). The price: a run's outputs are valid only
+        # until the next run, so consumers copy them first (pipeline.loader.dali_to_torch does).
+        # GPU: DALI's default; device buffers come from DALI's memory pool.
         exec_dynamic=None if device == "gpu" else False,
     )
 

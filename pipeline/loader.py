@@ -259,7 +259,7 @@ def tune_process_malloc() -> bool:
 
     DALI's CPU executor allocates each operator's output batch (megabytes) at every iteration; with
     glibc's defaults those come from fresh ``mmap``s that the kernel must fault in and zero every
-    time, which perf showed as ~1 ms of kernel time per view pair. Raising the mmap and trim
+    time. Raising the mmap and trim
     thresholds (mallopt(3)) lets the heap reuse them; the cost is that the process keeps its peak
     heap instead of returning it to the kernel. Returns whether the parameters were applied (False
     off glibc). Equivalent to MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_.
@@ -291,11 +291,7 @@ class ViewLoader:
     CPU one single-threaded pipeline per thread, at most ``MAX_CPU_PIPELINES``; on a GPU one. Why:
     DALI runs a pipeline's CPU operators one after another, each split over its threads, so threads
     wait at the end of every operator for the slowest sample; single-threaded pipelines never wait
-    for each other. Measured side by side (relic
-    recipe, 2 threads, fixed JPEG batches, 4-5 alternating rounds): 2 pipelines x 1 thread 257-340
-    view pairs/s (median 314) against 1 x 2 threads 241-270 (median 252), and 5.8-6.2 against
-    6.5-7.0 CPU-ms per pair. Each pipeline holds its own buffers: peak RSS of the benchmark's loader
-    1.54 GB with 2 pipelines against 1.2 GB with one (``relic``).
+    for each other. Each pipeline holds its own buffers, so more pipelines cost memory.
     """
 
     def __init__(

@@ -20,7 +20,6 @@ import io
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from processes import run_bounded
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -123,28 +123,17 @@ def test_readme_commands_run_as_written(tmp_path, s3_server):
     env.pop("RAY_ADDRESS")
     for n, body in enumerate(runnable):
         script = "set -euo pipefail\n" + body.replace(MINIO, s3_server)
-        proc = subprocess.Popen(
-            ["bash", "-c", script],
-            cwd=work,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
         try:
-            out, _ = proc.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
+            result, _ = run_bounded(["bash", "-c", script], cwd=work, env=env, timeout=600, merge_stderr=True)
         finally:
             if "ray start" in body:  # never leave a Ray head behind, whatever the block did
                 with contextlib.suppress(OSError, subprocess.SubprocessError):
                     subprocess.run(
                         [str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=60
                     )
-        assert proc.returncode == 0, (
-            f"README block {n + 1} failed ({proc.returncode}):\n{body}\n--- output:\n{out[-6000:]}"
+        out = result.stdout
+        assert result.returncode == 0, (
+            f"README block {n + 1} failed ({result.returncode}):\n{body}\n--- output:\n{out[-6000:]}"
         )
         if "ray job submit" in body:  # the CLI's exit code alone does not say how the job ended
             assert re.search(r"Job '[\w-]+' succeeded", out), out[-6000:]

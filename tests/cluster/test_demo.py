@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
+from processes import run_bounded
 
 from commands import demo, report
 from pipeline.labelled import load_labelled_images
@@ -111,22 +111,14 @@ def _metrics_shell(severities):
 def _relic(*argv: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
     """Run ``relic ARGV`` in a fresh process group; on timeout the whole group (with the local Ray
     instance it started) is killed, so nothing outlives the test."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "commands.cli", *argv],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
+    result, timed_out = run_bounded(
+        [sys.executable, "-m", "commands.cli", *argv], cwd=REPO, env=env, timeout=timeout
     )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"relic {' '.join(argv)} did not finish in {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if timed_out:
+        pytest.fail(
+            f"relic {' '.join(argv)} did not finish in {timeout} s:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
 
 
 @pytest.mark.slow
