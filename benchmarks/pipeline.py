@@ -23,6 +23,9 @@ run each with ``--quick``); every run is in the JSON under ``runs``:
   turn; outputs copied into torch tensors the same way.
 - ``ours_4x``: ``ours`` on the 4x shard set (peak RSS only matters; it must not grow with shards).
 - ``reader``: ``ShardReader.epoch`` alone (shards -> batched JPEG bytes, no decode), one process.
+- ``tar_ours`` / ``tar_webdataset``: the raw member stream alone over the 4x set, reading the image and
+  label members and stepping over the rest, with the shard format's tar parser against webdataset's
+  ``tar_file_iterator`` (3 alternating runs each, median): what the hand-written parser buys.
 
 Peak RSS: our loader's RSS rises over its first ~10 batches (DALI's operator buffers growing to the
 largest images seen, the allocator's working set), then by a few percent more until ~50 (with the
@@ -35,7 +38,8 @@ after 50 and after 61); 2,000 photos (62 batches) put the 1x run past that warm-
 
 Headline: ``speedup_vs_torchvision`` = ours / torchvision view pairs per second;
 ``ratio_vs_dali_native`` = ours / dali_native; ``rss_growth_4x`` = ours_4x / ours tree peak RSS;
-``reader_samples_per_s``. Targets (issue 3, 2-core machine): >= 2.5, >= 0.9, <= 1.10.
+``reader_samples_per_s``; ``tar_parser_vs_webdataset`` = tar_ours / tar_webdataset members per second.
+Targets (issue 3, 2-core machine): >= 2.5, >= 0.9, <= 1.10.
 """
 
 from __future__ import annotations
@@ -164,6 +168,33 @@ def run_reader(shards: str) -> dict:
     return {"samples": n, "seconds": round(seconds, 3), "samples_per_s": n / seconds}
 
 
+def run_tar(shards: str, parser_name: str) -> dict:
+    """One pass over every shard's members, reading the image and label members and stepping over the
+    others (what the reader does), with our tar parser (``pipeline.shards.format.tar_members``) or
+    webdataset's ``tar_file_iterator`` (Python's ``tarfile`` in stream mode)."""
+    from webdataset.tariterators import tar_file_iterator
+
+    from pipeline.shards.format import tar_members
+    from pipeline.shards.manifest import load_manifest
+
+    manifest = load_manifest(shards)
+    wanted = (".jpg", ".cls")
+    members = 0
+    start = time.perf_counter()
+    for i in range(len(manifest.shards)):
+        with open(manifest.shard_url(i), "rb") as f:
+            if parser_name == "ours":
+                for m in tar_members(f):
+                    if m.name.endswith(wanted):
+                        m.read()
+                        members += 1
+            else:
+                for _ in tar_file_iterator(f, select_files=lambda name: name.endswith(wanted)):
+                    members += 1
+    seconds = time.perf_counter() - start
+    return {"members": members, "seconds": round(seconds, 3), "members_per_s": members / seconds}
+
+
 def build(root: Path, count: int) -> tuple[str, str]:
     """1x and 4x shard sets under ``root`` (built once; reused when present)."""
     from pipeline.shards.build import build_shards
@@ -219,6 +250,12 @@ def main() -> None:
     contenders = {name: median_run(rs, "pairs_per_s") for name, rs in runs.items()}
     contenders["ours_4x"] = measure_child(run_ours, four)
     contenders["reader"] = measure_child(run_reader, one)
+    tar_runs = {"tar_ours": [], "tar_webdataset": []}
+    for r in range(3):  # alternating, on the 4x set (4x the bytes: longer, steadier timings)
+        for name in ["tar_ours", "tar_webdataset"] if r % 2 == 0 else ["tar_webdataset", "tar_ours"]:
+            tar_runs[name].append(measure_child(run_tar, four, name.removeprefix("tar_")))
+    for name, rs in tar_runs.items():
+        contenders[name] = median_run(rs, "members_per_s")
     rows = [
         {
             "contender": name,
@@ -234,6 +271,7 @@ def main() -> None:
             "pairs_per_s",
             "cpu_ms_per_pair",
             "samples_per_s",
+            "members_per_s",
             "seconds",
             "peak_rss_mb",
             "tree_peak_rss_mb",
@@ -247,6 +285,8 @@ def main() -> None:
         "ratio_vs_dali_native": ours["pairs_per_s"] / native["pairs_per_s"],
         "rss_growth_4x": x4["tree_peak_rss_mb"] / ours["tree_peak_rss_mb"],
         "reader_samples_per_s": contenders["reader"]["samples_per_s"],
+        "tar_parser_vs_webdataset": contenders["tar_ours"]["members_per_s"]
+        / contenders["tar_webdataset"]["members_per_s"],
     }
     print_table([headline], list(headline), title="headline")
     write_results(
