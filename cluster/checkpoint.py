@@ -6,7 +6,8 @@ A checkpoint is a directory ``checkpoint-<step:08d>`` inside the run directory (
                      (which fixes epoch and batch within the epoch), samples seen, queue, RNG states,
                      and under ``extra["data"]`` the loader position (epoch, batch, world size, batch)
     config.yaml      the resolved ExperimentConfig the run was started with
-    meta.json        step, epoch, batch_in_epoch, git SHA, time — readable without torch
+    meta.json        step, epoch, batch_in_epoch, git SHA, time, and under ``files`` the size and
+                     sha256 of the two files above — readable without torch
 
 Only rank 0 writes files: every rank holds the same weights (DDP) and the data position is the same
 on every rank (all ranks step in lockstep); the other ranks report the checkpoint's name without a
@@ -20,10 +21,19 @@ the data path for exactly the segment the uninterrupted run did), writing, and r
 Resume is exact: ``restore`` loads the state, after which the worker continues the same epoch at
 ``state.batch_in_epoch``; ``ShardReader.epoch(epoch, start_batch)`` skips the consumed batches without
 reading them, so within the epoch no sample is seen twice or skipped.
+
+A damaged checkpoint costs the steps since the one before it, not the run. ``verify_checkpoint``
+checks a checkpoint against its ``meta.json``; one that fails is skipped, with a warning naming the
+file and why, for the newest one before it that passes (``find_usable_checkpoint``): when the workers
+resume (``Checkpointer.restore``), in ``relic eval`` on a run directory, and in Ray Train's run
+snapshot, which ``cluster.trainer.fit`` repairs before Ray reads it (``repair_run_snapshot``). A
+checkpoint named explicitly is never replaced: a damaged one is an error. A file that holds pickled
+code is an error everywhere, never a damaged file to skip.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,9 +42,10 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import yaml
@@ -48,7 +59,11 @@ log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of the checkpoints a run reported, in the run directory (ray 2.60:
+``ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME``)."""
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+_CHECKSUMMED = (STATE_FILE, CONFIG_FILE)
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -58,12 +73,25 @@ def checkpoint_dir_name(step: int) -> str:
 def write_checkpoint(
     directory: str | os.PathLike, state: Any, cfg: ExperimentConfig, meta: dict[str, Any]
 ) -> None:
-    """Write the three files of a checkpoint into the local ``directory``."""
+    """Write the three files of a checkpoint into the local ``directory``; ``meta.json`` last, with
+    ``meta`` and the ``{"bytes", "sha256"}`` of the other two under ``files``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(state.state_dict(), directory / STATE_FILE)
     (directory / CONFIG_FILE).write_text(cfg.to_yaml())
+    files = {}
+    for name in _CHECKSUMMED:
+        with open(directory / name, "rb") as f:
+            files[name] = {"bytes": os.fstat(f.fileno()).st_size, "sha256": _sha256(f)}
+    meta = {**meta, "files": files}
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def _sha256(f: IO[bytes]) -> str:
+    digest = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
@@ -74,19 +102,33 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and why."""
 
 
-def load_state_file(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """``train_state.pt`` as data: tensors, numbers, strings and containers only.
+class UnsafeCheckpointError(CheckpointError):
+    """A ``train_state.pt`` that holds pickled code: refused, and never skipped as merely damaged."""
+
+
+def load_state_file(
+    path: str | os.PathLike | IO[bytes], map_location: Any = "cpu", *, shown_as: str | None = None
+) -> dict[str, Any]:
+    """``train_state.pt`` (a path or an open binary file, named ``shown_as`` in errors) as data:
+    tensors, numbers, strings and containers only.
 
     Loaded with ``torch.load(weights_only=True)``, PyTorch's restricted unpickler, so a file that
     carries anything else (a pickled callable, an arbitrary class) is refused before any of it runs.
     ``TrainState.state_dict`` writes only such values (RNG states included)."""
+    shown = shown_as or path
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()
-        raise CheckpointError(
-            f"{path}: refused to load: the file holds objects other than tensors and plain values, "
+        raise UnsafeCheckpointError(
+            f"{shown}: refused to load: the file holds objects other than tensors and plain values, "
             f"and checkpoints are loaded as data only, never as code ({reason[-1] if reason else e})"
+        ) from None
+    except RuntimeError as e:
+        if "PytorchStreamReader" not in str(e):
+            raise
+        raise CheckpointError(
+            f"{shown}: not a complete PyTorch archive, truncated or damaged ({str(e).splitlines()[0]})"
         ) from None
 
 
@@ -99,37 +141,244 @@ def restore(state: Any, directory: str | os.PathLike) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation side: find a checkpoint, load its model.
+# Which checkpoint: verified against meta.json, the newest usable one of a run, Ray's run snapshot
 
 
-def latest_checkpoint(run_dir: str, storage_options: dict[str, Any] | None = None) -> str | None:
-    """The newest complete ``checkpoint-*`` directory under ``run_dir`` (local or URL), or None."""
+def verify_checkpoint(
+    path: str, storage_options: dict[str, Any] | None = None, *, shown_as: str | None = None
+) -> None:
+    """Check that the checkpoint directory ``path`` (local or URL) can be resumed from, or raise
+    ``CheckpointError`` naming the file (under ``shown_as``, default ``path``) and what is wrong.
+
+    ``meta.json`` must be readable JSON with a step; ``train_state.pt`` and ``config.yaml`` must exist
+    with the size and sha256 it records. A checkpoint written before sizes and checksums were recorded
+    is checked as far as it can be: its files exist and ``train_state.pt`` is a complete zip archive
+    (``torch.save``'s format) whose members pass their CRC checks. A ``train_state.pt`` that fails its
+    checksum and holds pickled code raises ``UnsafeCheckpointError``: crafted, not damaged."""
+    shown = (shown_as or path).rstrip("/")
+    fs, root = fsutil.filesystem(path, storage_options)
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)
+
+    def bad(name: str, why: str) -> CheckpointError:
+        return CheckpointError(f"{fsutil.join(shown, name)}: {why}")
+
+    try:
+        meta = json.loads(fs.cat_file(f"{root}/{META_FILE}"))
+    except FileNotFoundError:
+        raise bad(META_FILE, "missing: the checkpoint was not completely written") from None
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise bad(META_FILE, f"not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or "step" not in meta:
+        raise bad(META_FILE, "holds no step")
+    recorded = meta.get("files") or {}
+    if not isinstance(recorded, dict):
+        raise bad(META_FILE, "its files record is not a mapping")
+    for name in _CHECKSUMMED:
+        file = f"{root}/{name}"
+        try:
+            size = fs.size(file)
+        except FileNotFoundError:
+            raise bad(name, "missing") from None
+        expected = recorded.get(name)
+        if expected is None:
+            continue
+        if not isinstance(expected, dict) or not {"bytes", "sha256"} <= expected.keys():
+            raise bad(META_FILE, f"its record of {name} is not {{'bytes': ..., 'sha256': ...}}")
+        if size != expected["bytes"]:
+            why = f"{size} bytes where meta.json records {expected['bytes']}"
+            why += ": truncated" if size < expected["bytes"] else ""
+        else:
+            with fs.open(file, "rb") as f:
+                digest = _sha256(f)
+            if digest == expected["sha256"]:
+                continue
+            why = "its sha256 differs from the one meta.json records: changed after it was written"
+        if name == STATE_FILE:
+            _refuse_code(fs, file, fsutil.join(shown, name))
+        raise bad(name, why)
+    if STATE_FILE not in recorded:
+        try:
+            with fs.open(f"{root}/{STATE_FILE}", "rb") as f, zipfile.ZipFile(f) as archive:
+                broken = archive.testzip()
+        except zipfile.BadZipFile as e:
+            raise bad(STATE_FILE, f"not a complete zip archive ({e}): truncated or damaged") from None
+        if broken is not None:
+            raise bad(STATE_FILE, f"archive member {broken} fails its CRC check: damaged")
+
+
+def _refuse_code(fs: Any, file: str, shown: str) -> None:
+    """Raise ``UnsafeCheckpointError`` if ``file``, which failed its checksum, holds pickled code."""
+    with fs.open(file, "rb") as f:
+        try:
+            load_state_file(f, shown_as=shown)
+        except UnsafeCheckpointError:
+            raise
+        except Exception:  # not loadable at all: damaged, which the caller reports
+            pass
+
+
+def checkpoint_problem(
+    path: str, storage_options: dict[str, Any] | None = None, *, shown_as: str | None = None
+) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from (``verify_checkpoint``'s message, naming
+    the file), or None when it can. A file holding pickled code raises ``UnsafeCheckpointError``."""
+    try:
+        verify_checkpoint(path, storage_options, shown_as=shown_as)
+    except UnsafeCheckpointError:
+        raise
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def _checkpoint_dirs(run_dir: str, storage_options: dict[str, Any] | None) -> list[tuple[int, str]]:
+    """``(step, url)`` of every ``checkpoint-<step>`` directory under ``run_dir``, newest first."""
     fs, path = fsutil.filesystem(run_dir, storage_options)
+    fs.invalidate_cache(path)
     try:
         entries = fs.ls(path, detail=False)
     except FileNotFoundError:
-        return None
-    steps = []
+        return []
+    found = []
     for entry in entries:
-        m = _CHECKPOINT_DIR.match(entry.rstrip("/").rsplit("/", 1)[-1])
-        if m and fs.exists(f"{entry.rstrip('/')}/{STATE_FILE}"):
-            steps.append((int(m.group(1)), entry.rstrip("/").rsplit("/", 1)[-1]))
-    if not steps:
-        return None
-    return fsutil.join(run_dir, max(steps)[1])
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if m := _CHECKPOINT_DIR.match(name):
+            found.append((int(m.group(1)), fsutil.join(run_dir, name)))
+    return sorted(found, reverse=True)
+
+
+def _dir_step(path: str) -> int | None:
+    m = _CHECKPOINT_DIR.match(path.rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
+def latest_checkpoint(run_dir: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The newest ``checkpoint-*`` directory under ``run_dir`` (local or URL) that holds a
+    ``train_state.pt``, unverified; None when there is none."""
+    for _step, url in _checkpoint_dirs(run_dir, storage_options):
+        fs, path = fsutil.filesystem(fsutil.join(url, STATE_FILE), storage_options)
+        if fs.exists(path):
+            return url
+    return None
+
+
+def find_usable_checkpoint(
+    run_dir: str, storage_options: dict[str, Any] | None = None, *, before_step: int | None = None
+) -> str | None:
+    """The newest ``checkpoint-*`` directory of the run at ``run_dir`` (of those before
+    ``before_step``) that passes ``verify_checkpoint``; each newer one that fails is skipped with a
+    warning naming the file and why. None when none passes. Newest first by the step in the folder
+    name: every caller that sees the same storage picks the same checkpoint."""
+    for step, url in _checkpoint_dirs(run_dir, storage_options):
+        if before_step is not None and step >= before_step:
+            continue
+        problem = checkpoint_problem(url, storage_options)
+        if problem is None:
+            return url
+        log.warning("skipping a checkpoint that cannot be resumed from: %s", problem)
+    return None
 
 
 def resolve_checkpoint(path: str, storage_options: dict[str, Any] | None = None) -> str:
-    """``path`` itself if it is a checkpoint directory, else the latest checkpoint of the run at ``path``."""
+    """``path`` itself if it is a checkpoint directory (it holds ``train_state.pt`` or ``meta.json``),
+    checked by ``verify_checkpoint``: a damaged one is an error naming the file. Otherwise the newest
+    usable checkpoint of the run at ``path`` (``find_usable_checkpoint``)."""
     fs, fspath = fsutil.filesystem(path, storage_options)
-    if fs.exists(f"{fspath.rstrip('/')}/{STATE_FILE}"):
+    root = fspath.rstrip("/")
+    fs.invalidate_cache(root)
+    if fs.exists(f"{root}/{STATE_FILE}") or fs.exists(f"{root}/{META_FILE}"):
+        verify_checkpoint(path, storage_options)
         return path
-    found = latest_checkpoint(path, storage_options)
+    found = find_usable_checkpoint(path, storage_options)
     if found is None:
         raise FileNotFoundError(
-            f"{path}: neither a checkpoint directory (no {STATE_FILE}) nor a run directory with checkpoint-* in it"
+            f"{path}: neither a checkpoint directory (no {STATE_FILE}) nor a run directory with a usable "
+            "checkpoint-* in it"
         )
     return found
+
+
+def repair_run_snapshot(run_dir: str, storage_options: dict[str, Any] | None = None) -> dict[str, str]:
+    """Make Ray Train's run snapshot in ``run_dir`` (``RAY_SNAPSHOT_FILE``) resumable: drop the
+    checkpoints it names that cannot be resumed from, so that Ray hands the newest usable one to the
+    workers. Returns ``{dropped folder name: why}``; warns when it drops any.
+
+    Ray Train restores its checkpoint manager from the snapshot when a run of the same name starts.
+    It refuses to start when a folder the snapshot names is gone, and it hands the workers the latest
+    checkpoint the snapshot names whether or not it is intact. Dropped: every named folder that does
+    not exist, and, newest report first, each checkpoint that fails ``verify_checkpoint`` until one
+    passes (older ones are never resumed from, so they are not read). A damaged one is dropped rather
+    than left to the workers' fallback because the resumed run writes that step's folder again, and
+    Ray's ``num_to_keep`` pruning of the stale entry would then delete the new checkpoint. The rest of
+    the snapshot stays as Ray wrote it; its latest checkpoint becomes the newest report left.
+
+    Raises ``CheckpointError`` when named folders exist but none is usable (the snapshot untouched).
+    A snapshot this code cannot read is left to Ray, which reports it."""
+    fs, folder = fsutil.filesystem(run_dir, storage_options)
+    folder = folder.rstrip("/")
+    fs.invalidate_cache(folder)
+    url, path = fsutil.join(run_dir, RAY_SNAPSHOT_FILE), f"{folder}/{RAY_SNAPSHOT_FILE}"
+    if not fs.exists(path):
+        return {}
+    try:
+        snapshot = json.loads(fs.cat_file(path))
+        results, indices = snapshot["checkpoint_results"], snapshot["checkpoint_report_indices"]
+        names = [r["checkpoint_dir_name"] for r in results]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    dropped = {n: "the folder does not exist" for n in names if not fs.exists(f"{folder}/{n}")}
+    newest_first = sorted(((i, n) for i, n in zip(indices, names) if n not in dropped), reverse=True)
+    for _index, name in newest_first:
+        problem = checkpoint_problem(fsutil.join(run_dir, name), storage_options)
+        if problem is None:
+            resume = name
+            break
+        dropped[name] = problem
+    else:
+        if newest_first:
+            raise CheckpointError(
+                f"{run_dir}: no checkpoint in Ray Train's run snapshot can be resumed from: "
+                + "; ".join(dropped.values())
+                + f". Delete {run_dir} or choose another run.name"
+            )
+        resume = None
+    if not dropped:
+        return {}
+
+    keep = [k for k, n in enumerate(names) if n not in dropped]
+    snapshot["checkpoint_results"] = [results[k] for k in keep]
+    snapshot["checkpoint_report_indices"] = [indices[k] for k in keep]
+    latest = snapshot.get("latest_checkpoint_result")
+    if latest is not None and latest["checkpoint_dir_name"] in dropped:
+        snapshot["latest_checkpoint_result"] = results[max(keep, key=indices.__getitem__)] if keep else None
+    if "pending_training_results" in snapshot:
+        pending = [
+            (r, spec)
+            for r, spec in zip(snapshot["pending_training_results"], snapshot["pending_validation_specs"])
+            if r["checkpoint_dir_name"] not in dropped
+        ]
+        snapshot["pending_training_results"] = [r for r, _ in pending]
+        snapshot["pending_validation_specs"] = [spec for _, spec in pending]
+    for key in (
+        "validated_checkpoint_dir_names",
+        "timed_out_validation_checkpoint_dir_names",
+        "failed_validation_checkpoint_dir_names",
+    ):
+        if key in snapshot:
+            snapshot[key] = [n for n in snapshot[key] if n not in dropped]
+    fsutil.write_atomic(url, json.dumps(snapshot).encode(), storage_options)
+    log.warning(
+        "Ray Train's run snapshot %s named checkpoints that cannot be resumed from; dropped %s. %s",
+        url,
+        "; ".join(f"{name} ({why})" for name, why in sorted(dropped.items())),
+        f"The run resumes from {resume}." if resume else "No checkpoint is left: the run starts afresh.",
+    )
+    return dropped
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation side: load a checkpoint's model.
 
 
 @dataclass
@@ -238,12 +487,16 @@ class Checkpointer:
         cfg: ExperimentConfig,
         session: Any,
         *,
+        run_dir: str,
+        run_options: dict[str, Any],
         steps_per_epoch: int,
         total_steps: int,
         batch_size: int,
         git_sha: str,
     ) -> None:
         self.cfg, self.session = cfg, session
+        self.run_dir, self.run_options = run_dir, run_options
+        """Where the run's checkpoints live (local or URL) and its storage options."""
         self.steps_per_epoch, self.batch_size, self.git_sha = steps_per_epoch, batch_size, git_sha
         max_steps = cfg.run.max_steps
         self.end_step = total_steps if max_steps is None else min(total_steps, max_steps)
@@ -267,11 +520,29 @@ class Checkpointer:
         )
 
     def restore(self, state: Any) -> int | None:
-        """Load the session's checkpoint into ``state``; its step, or None for a fresh start."""
+        """Load the session's checkpoint into ``state``; its step, or None for a fresh start.
+
+        A checkpoint that fails ``verify_checkpoint`` is skipped, with a warning naming the file, for
+        the newest usable one of the run before it (``find_usable_checkpoint``): every rank sees the
+        same storage and walks it in the same order, so all ranks pick the same one. None usable:
+        ``CheckpointError``."""
         with self.session.checkpoint_dir() as (directory, where):
             if directory is None:
                 return None
-            meta = restore(state, directory)
+            problem = checkpoint_problem(directory, shown_as=where)
+            if problem is None:
+                return self._resumed(restore(state, directory), where, state)
+        fallback = find_usable_checkpoint(self.run_dir, self.run_options, before_step=_dir_step(where))
+        if fallback is None:
+            raise CheckpointError(
+                f"{problem}; no checkpoint before it in {self.run_dir} is usable either: "
+                "delete the run directory or choose another run.name"
+            )
+        log.warning("%s; resuming from the newest usable checkpoint before it, %s", problem, fallback)
+        with _local_copy(fallback, self.run_options) as local:
+            return self._resumed(restore(state, local), fallback, state)
+
+    def _resumed(self, meta: dict[str, Any], where: str, state: Any) -> int:
         if self.session.rank == 0:
             log.warning(
                 "resumed from %s at step %d (epoch %d, batch %d)",

@@ -191,6 +191,8 @@ def run_loop(spec: WorkerSpec, session: Any) -> None:
     checkpointer = Checkpointer(
         cfg,
         session,
+        run_dir=spec.run_dir,
+        run_options=spec.run_storage_options,
         steps_per_epoch=per_epoch,
         total_steps=state.total_steps,
         batch_size=reader.batch_size,
