@@ -3,8 +3,9 @@
 ``fit(cfg)`` is what ``relic train`` and ``relic demo`` call. It
 
 1. checks what can be checked before any worker starts (``preflight``: the shard manifests exist,
-   every rank gets at least one batch per epoch, the kNN monitor's splits carry labels) and raises
-   ``ConfigError`` naming the key otherwise;
+   every rank gets at least one batch per epoch, the kNN monitor's splits carry labels, the run storage
+   takes writes — each storage check within ``run.network_timeout_s``; ``wait_for_resources``: the
+   Ray cluster can hold the workers) and raises ``ConfigError`` naming the key otherwise;
 2. writes the resolved config and the run's provenance (git SHA, Ray/torch versions, command line) to
    ``<run.storage>/<run.name>/`` — the experiment directory Ray Train also writes its checkpoints to;
 3. builds the ``TorchTrainer``: ``ScalingConfig`` (workers, GPUs, resources, placement),
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.checkpoint import repair_run_snapshot
 from cluster.config import ConfigError, ExperimentConfig, redact_override
 from cluster.storage import RunStorage
 from cluster.worker import DataOptions, WorkerSpec
@@ -106,8 +108,17 @@ def ray_session(
     """Connect to Ray for the duration of the block.
 
     Already connected: use it. ``RAY_ADDRESS`` set (also the case inside ``ray job submit``): join that
-    cluster. Otherwise start a local instance bound to 127.0.0.1 without dashboard (Ray would
-    otherwise bind a non-loopback interface) and shut it down afterwards.
+    cluster. Otherwise start a local instance without the dashboard UI and shut it down afterwards.
+
+    The local instance's node IP is 127.0.0.1 and each of its servers listens on 127.0.0.1 only: the
+    gRPC servers of the GCS, the raylet (node manager, object manager), the dashboard agent, the driver
+    and every worker (IPv6 sockets, shown as ``::ffff:127.0.0.1``); the runtime-env agent; the dashboard
+    agent's HTTP server (52365) and the Prometheus servers of the dashboard agent, the dashboard head
+    (44227) and the autoscaler monitor (44217). With the host's outward IP as node IP — what Ray makes
+    of ``_node_ip_address="127.0.0.1"`` unless Ray clusters are disabled — they listen on all
+    interfaces instead. Not Ray's: rank 0 of a Ray Train run opens torch.distributed's ``TCPStore`` at
+    ``MASTER_PORT`` on all interfaces (torch has no bind address for it); gloo's own connections are
+    kept on the loopback interface (``GLOO_SOCKET_IFNAME=lo``).
 
     ``worker_logs``: forward the workers' and the Train controller's output to this process. Off by
     default: the driver prints its own progress lines and failures, and the full logs stay in Ray's
@@ -115,6 +126,7 @@ def ray_session(
     cleaner also warns every second that the State API is unavailable, which would drown the progress.
     """
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         yield
@@ -125,17 +137,34 @@ def ray_session(
     else:
         # One machine cannot be preempted node by node: skip Ray Train's preemption-watcher actor.
         runtime_env = init_kwargs.pop("runtime_env", None) or {}
-        runtime_env.setdefault("env_vars", {}).setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            log_to_driver=worker_logs,
-            runtime_env=runtime_env,
-            **init_kwargs,
+        env_vars = runtime_env.setdefault("env_vars", {})
+        env_vars.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # gloo's connections bind to the address the hostname resolves to, which may be a LAN address
+        env_vars.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        # ray.init replaces a loopback _node_ip_address by the host's outward IP
+        # (services.resolve_ip_for_localhost) unless Ray clusters are disabled, and every server of the
+        # instance binds according to that node IP. The switch is RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+        # which ray_constants reads once, at `import ray`: set its value for this ray.init only, so
+        # that neither the import order nor a later join of a cluster depends on it.
+        cluster_enabled = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                _node_ip_address="127.0.0.1",
+                include_dashboard=False,
+                log_to_driver=worker_logs,
+                runtime_env=runtime_env,
+                **init_kwargs,
+            )
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = cluster_enabled
+        log.info(
+            "started a local Ray instance on %s (%s CPUs)",
+            ray.util.get_node_ip_address(),
+            ray.cluster_resources().get("CPU"),
         )
-        log.info("started a local Ray instance (%s CPUs)", ray.cluster_resources().get("CPU"))
     try:
         yield
     finally:
@@ -169,19 +198,21 @@ def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Read the manifests and check the run can start; returns facts the driver logs.
+    """Read the manifests, probe the run storage and check the run can start; returns facts the
+    driver logs.
 
     Raises ConfigError naming the key for: unreadable manifests, fewer samples than one batch per
-    rank, kNN splits without labels.
+    rank, kNN splits without labels, run storage that cannot be written. Each storage check ends
+    within ``run.network_timeout_s``: a store that never answers is an error naming the key, the
+    endpoint and the limit, not a hang.
     """
     from pipeline.plan import samples_per_rank
     from pipeline.shards.manifest import load_manifest
 
     def manifest(key: str, url: str):
-        try:
-            return load_manifest(url, data_options(cfg, url))
-        except Exception as e:  # FileNotFoundError, JSON errors, S3 errors: all are the user's to fix
-            raise ConfigError(f"cannot read the shard manifest at {url!r}: {e}", key=key) from e
+        options = data_options(cfg, url)
+        action = f"read the shard manifest at {_where(url, options)}"
+        return _storage_check(cfg, key, action, load_manifest, url, options)
 
     train = manifest("data.train", cfg.data.train)
     total = sum(s.samples for s in train.shards)
@@ -202,7 +233,144 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
                 raise ConfigError(
                     f"the kNN monitor needs labels, but the shards at {url!r} have none", key=key
                 )
+    run_storage = RunStorage.from_url(cfg.run.storage, cfg.run.endpoint_url)
+    where = _where(run_storage.url, run_storage.options)
+    _storage_check(cfg, "run.storage", f"write to the run storage at {where}", run_storage.check_writable)
     return facts
+
+
+def _where(url: str, options: dict[str, Any]) -> str:
+    """``'url'`` and, when one is set, its endpoint: what an error about reaching ``url`` names."""
+    endpoint = options.get("endpoint_url")
+    return f"{url!r}" + (f" (endpoint {endpoint})" if endpoint else "")
+
+
+def _storage_check(cfg: ExperimentConfig, key: str, action: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` within ``run.network_timeout_s``; any failure as a ConfigError at ``key`` that says
+    what could not be done (``action``, e.g. "read the shard manifest at 's3://b/x'")."""
+    limit = cfg.run.network_timeout_s
+    try:
+        return fsutil.call_with_deadline(limit, fn, *args)
+    except fsutil.DeadlineExceeded as e:
+        raise ConfigError(
+            f"cannot {action}: no answer within {limit:g} s (run.network_timeout_s); check the endpoint "
+            "and the network, or raise the limit for a slow store",
+            key=key,
+        ) from e
+    except Exception as e:  # FileNotFoundError, JSON errors, S3 errors: all are the user's to fix
+        raise ConfigError(f"cannot {action}: {e}", key=key) from e
+
+
+#: While waiting for the cluster's resources, say what is missing this often (seconds).
+RESOURCE_LOG_EVERY_S = 30.0
+
+
+def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What Ray reserves for each worker: its CPUs, its GPUs with ``use_gpu``, the custom resources."""
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    return resources
+
+
+def wait_for_resources(cfg: ExperimentConfig) -> None:
+    """Return once the connected Ray cluster can start the run's workers; ConfigError at
+    ``scaling.num_workers`` naming what was asked and what the cluster has, otherwise.
+
+    Without this, Ray Train waits for its placement group without a word, gives up after
+    ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` and tries again, forever (a start timeout does not count
+    against ``run.max_failures``). A Ray instance this process started cannot grow, so a request
+    larger than it fails at once. A joined cluster may: nodes join, an autoscaler adds some, other jobs
+    release theirs. There the same bundles are requested as a placement group (the demand an
+    autoscaler scales up for) and held for at most ``scaling.resource_wait_s``, with a log line every
+    ``RESOURCE_LOG_EVERY_S`` saying what is missing; the group is removed before Ray Train asks for its own.
+    """
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    per_worker = {k: v for k, v in worker_resources(cfg).items() if v > 0}
+    num_workers, strategy = cfg.scaling.num_workers, cfg.scaling.placement_strategy
+    need = {k: v * num_workers for k, v in per_worker.items()}
+
+    def requested(resources: dict[str, float]) -> str:
+        return _amounts({k: resources.get(k, 0.0) for k in per_worker})
+
+    def shortfall() -> str:
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        have = {k: sum(n["Resources"].get(k, 0.0) for n in nodes) for k in per_worker}
+        listed = "; ".join(f"{n['NodeManagerAddress']} {requested(n['Resources'])}" for n in nodes[:8])
+        return (
+            f"{num_workers} workers x {_amounts(per_worker)} ({strategy}) need {_amounts(need)}, but the Ray "
+            f"cluster has {_amounts(have)} ({requested(ray.available_resources())} free) on "
+            f"{len(nodes)} node(s): {listed}"
+        )
+
+    totals = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    placeable = _placeable(per_worker, num_workers, strategy, totals)
+    free = ray.available_resources()
+    if placeable and all(free.get(k, 0.0) + 1e-9 >= v for k, v in need.items()):
+        return
+    fix = "lower scaling.num_workers or the per-worker resources (scaling.cpus_per_worker, ...)"
+    if strategy.startswith("STRICT"):
+        fix += f", or relax scaling.placement_strategy={strategy}"
+    if not placeable and _started_by_this_process():
+        raise ConfigError(
+            f"{shortfall()}; a Ray instance started by this process cannot grow: {fix}",
+            key="scaling.num_workers",
+        )
+    limit = cfg.scaling.resource_wait_s
+    if limit == 0:
+        raise ConfigError(
+            f"{shortfall()}; not waiting (scaling.resource_wait_s=0): {fix}", key="scaling.num_workers"
+        )
+    waiting_for = "nodes to join" if not placeable else "other work to release them"
+    deadline = time.monotonic() + limit
+    group = placement_group([per_worker] * num_workers, strategy=strategy)
+    try:
+        # resources a run has just released take a moment to show as free: no warning for that
+        ready = group.wait(min(2.0, limit))
+        while not ready:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConfigError(
+                    f"{shortfall()}; waited {limit:g} s (scaling.resource_wait_s) for {waiting_for}: "
+                    f"{fix}, add nodes, or wait longer",
+                    key="scaling.num_workers",
+                )
+            log.warning(
+                "waiting up to %.0f s (scaling.resource_wait_s) for %s: %s", left, waiting_for, shortfall()
+            )
+            ready = group.wait(min(RESOURCE_LOG_EVERY_S, left))
+    finally:
+        remove_placement_group(group)
+
+
+def _placeable(
+    per_worker: dict[str, float], num_workers: int, strategy: str, nodes: list[dict[str, float]]
+) -> bool:
+    """Whether ``num_workers`` bundles of ``per_worker`` fit on nodes of these total resources under a
+    Ray placement strategy (PACK and SPREAD are preferences; STRICT_PACK: one node, STRICT_SPREAD:
+    one node each)."""
+    fits = [min(int(node.get(k, 0.0) / v + 1e-9) for k, v in per_worker.items()) for node in nodes]
+    if strategy == "STRICT_PACK":
+        return max(fits, default=0) >= num_workers
+    if strategy == "STRICT_SPREAD":
+        return sum(f > 0 for f in fits) >= num_workers
+    return sum(fits) >= num_workers
+
+
+def _amounts(resources: dict[str, float]) -> str:
+    """``"8 CPU, 1 GPU"``."""
+    return ", ".join(f"{v:g} {k}" for k, v in resources.items())
+
+
+def _started_by_this_process() -> bool:
+    """Whether ``ray.init`` in this process started the Ray instance rather than joining one. Ray has
+    no public API for it; its head ``Node`` object, which only the starting process holds, says so."""
+    from ray._private import worker
+
+    node = worker._global_node
+    return node is not None and node.head
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,9 +530,6 @@ def build_trainer(
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     env.update(cfg.scaling.env_vars)
     env.update(worker_env or {})
-    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker
     storage_path, storage_fs = run_storage.ray_storage()
     return TorchTrainer(
         train_loop,
@@ -373,7 +538,7 @@ def build_trainer(
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker=resources,
+            resources_per_worker=worker_resources(cfg),
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
@@ -414,6 +579,7 @@ def fit(
     emit = progress if callable(progress) else (print if progress else (lambda _line: None))
     cfg = with_absolute_paths(cfg)
     facts = preflight(cfg)
+    wait_for_resources(cfg)
     # Ray Train gives a worker group 60 s to start, then counts a failure. Starting workers that import
     # torch and DALI on a busy CPU node can take longer; Ray propagates this variable from the driver.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(WORKER_START_TIMEOUT_S))
@@ -423,6 +589,7 @@ def fit(
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_S))
     storage = RunStorage.from_url(cfg.run.storage, cfg.run.endpoint_url)
     run_dir = storage.run_url(cfg.run.name)
+    repair_run_snapshot(run_dir, storage.options)  # drop missing or damaged checkpoints Ray would resume from
     resuming = storage.exists(storage.run_url(cfg.run.name, "config.yaml"))
     info = {**run_info(cfg), **facts}
     storage.write_text(storage.run_url(cfg.run.name, "config.yaml"), cfg.to_yaml())
