@@ -39,6 +39,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     Field,
+    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
@@ -130,6 +131,11 @@ class RunConfig:
     """Where runs live: local directory or s3://bucket/prefix (checkpoints, TensorBoard, config, metrics)."""
     endpoint_url: str | None = None
     """S3-compatible endpoint for ``storage``; None: from the environment like the data endpoint."""
+    network_timeout_s: PositiveFloat = 30.0
+    """Seconds the driver gives each storage check before any worker starts (reading a shard manifest
+    of ``data.*``, writing a probe file to ``storage``); a store that has not answered by then stops
+    the run with an error naming the key, the endpoint and this limit. Single S3 requests have their
+    own connect/read timeouts and retries everywhere (``pipeline.storage.S3_CONFIG``)."""
     seed: NonNegativeInt = 0
     """Seed for model initialisation, shard order and augmentation."""
     report_every: PositiveInt = 10
@@ -180,6 +186,11 @@ class ScalingConfig:
     """Extra custom Ray resources per worker, e.g. ``{accelerator_type:H100: 0.001}``."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement group strategy for the workers (PACK fills nodes, SPREAD one per node)."""
+    resource_wait_s: NonNegativeFloat = 300.0
+    """Seconds to wait for a joined Ray cluster to offer ``num_workers`` x the per-worker resources
+    (nodes joining, an autoscaler scaling up, other jobs releasing theirs), logging what is missing,
+    before the run stops with an error naming the numbers; 0: stop at once. A Ray instance started by
+    this process (``relic train`` without ``RAY_ADDRESS``) cannot grow: too large a request fails at once."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; "auto": nccl with GPUs, gloo without; nccl needs use_gpu."""
     env_vars: dict[str, str] = Field(default_factory=dict)

@@ -12,6 +12,7 @@ filesystems), with the storage path stripped of its ``s3://`` prefix as ``RunCon
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,14 @@ class RunStorage:
     def exists(self, url: str) -> bool:
         fs, path = fsutil.filesystem(url, self.options)
         return fs.exists(path)
+
+    def check_writable(self) -> None:
+        """Write and delete a small probe file at the storage root; raises what the store raises (no
+        bucket, no permission, an unreachable endpoint)."""
+        probe = fsutil.join(self.url, f".relic-write-probe-{uuid.uuid4().hex[:8]}")
+        self.write_text(probe, "")
+        fs, path = fsutil.filesystem(probe, self.options)
+        fs.rm_file(path)
 
     def upload_dir(self, local_dir: str, url: str) -> None:
         """Copy the files of ``local_dir`` (recursively) to ``url``, overwriting what is there."""

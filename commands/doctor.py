@@ -443,21 +443,37 @@ def _ray_probe_main(address: str) -> None:
 
 def check_storage(url: str, endpoint_url: str | None, timeout: float) -> list[Check]:
     """Whether ``url`` (a shard directory, a manifest, any file or prefix; local or s3://) can be listed
-    and read: loads ``manifest.json`` when there is one and reads the first shard's first tar header."""
+    and read: loads ``manifest.json`` when there is one and reads the first shard's first tar header.
+
+    The whole check, all its requests together, ends within ``timeout`` seconds: an endpoint that
+    accepts connections but never answers is a FAIL, not a hang (``pipeline.storage.S3_CONFIG`` bounds
+    each request, ``call_with_deadline`` the sum)."""
+    from pipeline import storage
+
+    opts = storage.storage_options(url, endpoint_url=endpoint_url)
+    where = url + (f" (endpoint {opts['endpoint_url']})" if opts.get("endpoint_url") else "")
+    try:
+        return storage.call_with_deadline(timeout, _probe_storage, url, opts, where)
+    except storage.DeadlineExceeded:
+        return [
+            Check(
+                "storage",
+                FAIL,
+                f"{where}: no answer within {timeout:g} s",
+                "check --endpoint-url and the network: the endpoint accepts connections or drops "
+                "them silently but never answers (a stopped server behind a proxy or a load balancer, "
+                "a firewall); raise --timeout for a slow store",
+            )
+        ]
+
+
+def _probe_storage(url: str, opts: dict, where: str) -> list[Check]:
+    """``check_storage`` without its deadline."""
     from pipeline import storage
     from pipeline.shards import manifest as manifest_mod
     from pipeline.shards.index import is_shard_name
 
     name = "storage"
-    extra = {}
-    if storage.protocol(url) == "s3":
-        extra["config_kwargs"] = {
-            "connect_timeout": timeout,
-            "read_timeout": timeout,
-            "retries": {"max_attempts": 2},
-        }
-    opts = storage.storage_options(url, endpoint_url=endpoint_url, **extra)
-    where = url + (f" (endpoint {opts['endpoint_url']})" if opts.get("endpoint_url") else "")
     try:
         fs, path = storage.filesystem(url, opts)
         if not fs.exists(path):
@@ -620,7 +636,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="S3-compatible endpoint (MinIO, Ceph); default: $RELIC_S3_ENDPOINT_URL / $AWS_ENDPOINT_URL",
     )
     parser.add_argument(
-        "--timeout", type=float, default=20.0, help="seconds allowed for the Ray and storage checks"
+        "--timeout", type=float, default=20.0, help="seconds allowed for each of the Ray and storage checks"
     )
     parser.add_argument("--json", action="store_true", help="print the results as a JSON list")
 

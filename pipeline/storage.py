@@ -5,17 +5,29 @@ the usual places (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE
 What we carry around are *storage options* — the non-secret knobs (endpoint URL, profile name,
 region) that fsspec passes to the filesystem constructor. ``RELIC_S3_ENDPOINT_URL`` or the standard
 ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` select an S3-compatible endpoint (MinIO, moto, Ceph).
+
+No S3 touch waits forever: ``storage_options`` gives every client botocore's connect and read timeouts
+and a bounded number of attempts (``S3_CONFIG``), and ``filesystem`` opens s3:// through
+``S3FileSystem``, which does not retry on top of them. A check that spans several requests (``relic
+doctor``, the driver's preflight) puts one deadline over all of them with ``call_with_deadline``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import copy
 import os
 import posixpath
+import threading
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
+import s3fs
+
+T = TypeVar("T")
 
 _ENDPOINT_ENV = ("RELIC_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 _SECRET_KEYS = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
@@ -30,10 +42,36 @@ def is_remote(url: str) -> bool:
     return protocol(url) not in ("file", "local")
 
 
+S3_CONFIG: dict[str, Any] = {
+    "connect_timeout": 5,
+    "read_timeout": 15,
+    "retries": {"mode": "standard", "total_max_attempts": 3},
+}
+"""botocore ``Config`` of every S3 client (s3fs ``config_kwargs``): seconds to open a connection, seconds
+without a byte from the server, and attempts per request — botocore's standard mode retries
+throttling, 5xx, connection errors and timeouts with backoff. So one request to an endpoint that
+accepts connections but never answers fails after 3 x 15 s plus at most 3 s of backoff; a refused
+connection after about 3 s. The timeouts are s3fs's own defaults; the retries replace botocore's
+legacy mode (5 attempts) under s3fs's own 5 (see ``S3FileSystem``)."""
+
+
+class S3FileSystem(s3fs.S3FileSystem):
+    """s3fs with a single attempt per call: botocore already retries each request (``S3_CONFIG``) and
+    the shard reader re-opens a shard that fails, so s3fs's own 5 attempts would multiply the time a
+    silent endpoint takes to fail (5 x botocore's attempts x the read timeout). A class attribute
+    rather than an option: ``S3FileSystem`` takes no ``retries`` argument, and the class, unlike an
+    instance attribute, travels with the filesystem when Ray pickles it (``cluster.storage``)."""
+
+    retries = 1
+
+
 def storage_options(
     url: str, endpoint_url: str | None = None, profile: str | None = None, **extra: Any
 ) -> dict[str, Any]:
-    """Storage options for ``url``: explicit arguments, then the environment. Empty for local paths."""
+    """Storage options for ``url``: explicit arguments, then the environment. Empty for local paths.
+
+    For s3:// they hold ``config_kwargs`` with ``S3_CONFIG``; a ``config_kwargs`` in ``extra`` wins
+    key by key (``config_kwargs={"read_timeout": 60}`` keeps the connect timeout and the retries)."""
     if protocol(url) != "s3":
         return dict(extra)
     opts: dict[str, Any] = {}
@@ -43,6 +81,7 @@ def storage_options(
     if profile:
         opts["profile"] = profile
     opts.update(extra)
+    opts["config_kwargs"] = {**copy.deepcopy(S3_CONFIG), **(extra.get("config_kwargs") or {})}
     return opts
 
 
@@ -60,9 +99,37 @@ def redact(options: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``url`` and the path within it."""
+    """The fsspec filesystem for ``url`` and the path within it (s3://: an ``S3FileSystem``)."""
+    if protocol(url) == "s3":
+        fs = S3FileSystem(**(options or {}))
+        return fs, fs._strip_protocol(url)
     fs, path = fsspec.core.url_to_fs(url, **(options or {}))
     return fs, path
+
+
+class DeadlineExceeded(TimeoutError):
+    """A call given to ``call_with_deadline`` did not return in time."""
+
+
+def call_with_deadline(timeout_s: float, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, or ``DeadlineExceeded`` when it has not returned after ``timeout_s`` seconds.
+
+    One bound over a check that makes several requests, whatever they wait on (an S3 endpoint, a stale
+    NFS mount). ``fn`` runs in a daemon thread that is abandoned at the deadline, not stopped: it ends
+    with its own request timeouts and never keeps the process from exiting."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # handed to the caller below
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=f"deadline:{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    concurrent.futures.wait([future], timeout=timeout_s)
+    if not future.done():
+        raise DeadlineExceeded(f"no answer within {timeout_s:g} s")
+    return future.result()
 
 
 def open_url(url: str, mode: str = "rb", options: dict[str, Any] | None = None):

@@ -113,6 +113,8 @@ def test_overrides_do_not_mutate_the_input():
         ),
         (["scaling=3"], "scaling", ["mapping", "3"]),
         (["run.max_steps=0"], "run.max_steps", ["0"]),
+        (["run.network_timeout_s=0"], "run.network_timeout_s", ["> 0", "0"]),
+        (["scaling.resource_wait_s=-1"], "scaling.resource_wait_s", [">= 0", "-1"]),
         (["views.options.size=abc"], "views.options.size", ["'abc'", "integer"]),
         (["views.options.bogus=1"], "views.options.bogus", ["unknown key", "num_small", "blur_p"]),
         (["views.options.blur_p=[0.5, 2]"], "views.options.blur_p[1]", ["2", "<= 1"]),
