@@ -22,6 +22,7 @@ from cluster.config import ConfigError, load_config
 TINY = Path(__file__).with_name("tiny.yaml")
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 8  # checkpoints at 4 and 8 (run.checkpoint_every=4), reports every 2
+SECRET = "hunter2-not-for-files"  # a secret-looking env var of the reference run: never written anywhere
 
 pytestmark = [pytest.mark.ray]
 
@@ -66,7 +67,11 @@ def reference(ray_local, digits_shards, tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(Path(digits_shards).parent)
     try:
-        cfg = tiny(Path(digits_shards).name, os.path.relpath(root / "runs"))
+        cfg = tiny(
+            Path(digits_shards).name,
+            os.path.relpath(root / "runs"),
+            f"scaling.env_vars.MY_API_TOKEN={SECRET}",
+        )
         result = fit(cfg, progress=lines.append, hooks=[ray_hooks.Recorder(records)])
     finally:
         os.chdir(cwd)
@@ -152,6 +157,15 @@ def test_two_workers_train_end_to_end(reference):
     assert "global_batch_size: 16" in (run_dir / "config.yaml").read_text()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4
+
+    # the secret reached the workers' environment but no file of the run, the progress lines included
+    written = [p for p in run_dir.rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".jsonl")]
+    assert {p.name for p in written} >= {"config.yaml", "run_info.json", "metrics.jsonl", "meta.json"}
+    for path in written:
+        assert SECRET not in path.read_text(), path
+    assert "MY_API_TOKEN: '***'" in (run_dir / "config.yaml").read_text()
+    assert "MY_API_TOKEN: '***'" in (run_dir / "checkpoint-00000008" / "config.yaml").read_text()
+    assert not any(SECRET in line for line in lines)
 
     loaded = load_model_from_checkpoint(result.run_dir)
     assert loaded.step == STEPS and loaded.epoch == 0
@@ -319,3 +333,15 @@ def test_cli_rejects_a_bad_config_without_starting_ray(tmp_path):
         env=env,
     )
     assert proc.returncode == 2 and "optim.lr" in proc.stderr and "unknown key" in proc.stderr
+
+
+def test_print_config_shows_secrets_redacted_and_takes_options_after_overrides(tmp_path):
+    secret = "AKIA-not-for-printing"
+    proc = subprocess.run(
+        [sys.executable, "-m", "commands.cli", "train", str(TINY), "data.train=/x", "--print-config",
+         f"scaling.env_vars.AWS_SECRET_ACCESS_KEY={secret}", "run.name=shown"],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert secret not in proc.stdout + proc.stderr
+    assert "AWS_SECRET_ACCESS_KEY: '***'" in proc.stdout and "name: shown" in proc.stdout
