@@ -134,7 +134,7 @@ def measure_setting(name: str, rounds: int) -> dict:
     )
     size = setting["size"]
     data = SimpleNamespace(
-        views=[torch.randn(batch, 3, size, size) for _ in range(2)], labels=torch.zeros(batch)
+        views=[torch.randn(batch, 3, size, size) for _ in range(2)], labels=torch.zeros(batch), num_large=2
     )
 
     clock = ObjectiveClock(loop, state.target)  # after `isolated`'s imports: it times the real ones

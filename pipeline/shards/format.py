@@ -183,8 +183,10 @@ def _check_header(head: bytes, offset: int) -> None:
     (stored,) = struct.unpack_from("8s", head, 148)
     checksum = sum(head) - sum(stored) + 8 * 32  # the field counts as eight spaces
     expected = _octal(stored, offset)
+    if expected == checksum:
+        return
     signed = checksum - 256 * sum(b > 127 for b in head[:148] + head[156:])  # old tars sum signed bytes
-    if expected not in (checksum, signed):
+    if expected != signed:
         raise TarFormatError(f"bad tar header checksum at byte {offset} (not a tar, or damaged)")
 
 
