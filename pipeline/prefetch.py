@@ -1,7 +1,7 @@
 """The one thread hand-off of the data path: an iterator run ahead in a thread, through a bounded queue.
 
 Used wherever Python work (tar streaming, S3 reads) should overlap the consumer: the reader's
-parallel streams (:func:`round_robin`) and the loader's feed of raw batches into DALI.
+parallel partition streams (:func:`lockstep`) and the loader's feed of raw batches into DALI.
 """
 
 from __future__ import annotations
@@ -105,21 +105,17 @@ class Prefetcher(Generic[T]):
         self._thread.join(timeout=timeout)
 
 
-def round_robin(
-    sources: list[Iterable[T]], depth: int = 2, name: str = "reader", first: int = 0
-) -> Iterator[T]:
-    """Items from ``sources[first % n]``, ``sources[(first + 1) % n]``, ... in turn, each source run
-    ahead in its own :class:`Prefetcher`; ends when the source whose turn it is ends."""
+def lockstep(sources: list[Iterable[T]], depth: int = 2, name: str = "reader") -> Iterator[tuple[T, ...]]:
+    """One item of every source at a time, as a tuple in source order; each source runs ahead in its
+    own :class:`Prefetcher`. Ends when a source ends."""
     prefetchers = [Prefetcher(s, depth, f"{name}-{w}") for w, s in enumerate(sources)]
     try:
-        k = first
         while True:
             try:
-                item = prefetchers[k % len(prefetchers)].get()
+                items = tuple([p.get() for p in prefetchers])
             except StopIteration:
                 return
-            yield item
-            k += 1
+            yield items
     finally:
         for p in prefetchers:
             p.close(timeout=5)

@@ -1,48 +1,45 @@
 """Streaming shard reader: WebDataset tar shards -> fixed-size batches of encoded image bytes + labels.
 
-Epoch policy (the contract every rank relies on; the plan is :mod:`pipeline.plan`)
------------------------------------------------------------------------------------
-1. **Shard order.** Each epoch permutes the manifest's shards with ``(seed, epoch)``; every rank
-   computes the same permutation.
-2. **Rank blocks.** The permuted shards are one sample sequence of ``total`` samples (counts from the
-   manifest). With ``N = floor(total / world_size / batch_size) * batch_size``, rank ``r`` takes the
-   contiguous block ``[r*N, (r+1)*N)``: ranks are disjoint and equal; the ``total - world_size*N``
-   samples at the tail are dropped, and as the shard order changes they rotate between epochs. A rank
-   opens only the shards overlapping its block and starts at its offset without decoding: with the
-   shard's DALI ``.idx`` it seeks straight to the first sample (nothing before it is transferred),
-   otherwise it steps over the tar headers before it.
-3. **Loader workers.** ``num_workers`` streams (threads; worth it for remote shards, where they overlap
-   request latency) subdivide the rank's block into contiguous segments of whole batches; batch ``b``
-   of the epoch comes from worker ``b % num_workers``. The number of workers changes the order, never
-   the set of samples.
-4. **Sample shuffle.** Within a worker's segment, a shuffle buffer of ``shuffle_buffer`` samples
-   (WebDataset's ``shuffle`` stage, Breuel 2020) mixes samples, seeded from
-   ``(seed, epoch, rank, worker)``. It is simulated on sample *positions*, so the output order is known
-   before any byte is read: memory is that of a real buffer (at most ``shuffle_buffer + 1`` encoded
-   images per worker), and resuming needs no data that was consumed. The buffer mixes only nearby
-   samples: shards must hold their samples in random order (``relic shards build`` shuffles its
-   inputs; a class-sorted foreign set would give single-class batches).
-5. **Batches.** Slot ``j`` of a worker's shuffled order belongs to local batch ``j // batch_size``.
-   Every epoch yields exactly ``batches_per_epoch`` full batches on every rank, never a short one.
-6. **Bad samples** leave an empty slot, *filled* (:func:`fill_batch`, the one place that fills) with a
+Epoch policy (the contract every rank relies on)
+------------------------------------------------
+1. **Order.** The epoch's global steps, which samples each holds and which rank reads which of them
+   are :mod:`pipeline.plan`'s: shards permuted with ``(seed, epoch)``, cut into ``partitions``
+   contiguous partitions, each emitted through its own shuffle buffer; global step ``k`` takes
+   ``global_batch / partitions`` samples of every partition; rank ``r`` of ``world_size`` reads the
+   partitions ``r * P / W ..`` and trains on their part of each step. Nothing of it depends on the
+   number of ranks, so a run resumed at any world size that divides the number of partitions
+   continues the epoch exactly. A rank opens only the shards of its partitions and starts each at its
+   offset without decoding: with the shard's DALI ``.idx`` it seeks straight to the first sample
+   (nothing before it is transferred), otherwise it steps over the tar headers before it.
+2. **Threads.** ``num_workers`` threads (worth it for remote shards, where they overlap request
+   latency) read the rank's partitions, partition ``i`` of the rank by thread ``i % num_workers``.
+   They change neither the order nor the samples. By default a run has ``world_size * num_workers``
+   partitions: one per thread.
+3. **Memory.** One shuffle buffer per partition, at most ``shuffle_buffer + 1`` encoded images each.
+   The buffer mixes only nearby samples: shards must hold their samples in random order (``relic
+   shards build`` shuffles its inputs; a class-sorted foreign set would give single-class batches).
+4. **Batches.** Every epoch yields exactly ``batches_per_epoch`` full batches on every rank, never a
+   short one.
+5. **Bad samples** leave an empty slot, *filled* (:func:`fill_batch`, the one place that fills) with a
    duplicate of a good sample of the same batch, cycling through them in slot order; a batch without
    any good sample borrows the good samples of the rank's next batch that has some (at the epoch's
    end, of the previous one); only a rank without a single readable sample from ``start_batch`` on
    raises. Each fill is counted in ``stats["filled"]``: equal batch counts on every rank (all-gather
    of the contrast set needs equal shapes) at the cost of rare in-batch duplicates.
-7. **Resume** at ``(epoch, start_batch)``: the shuffled order is recomputed, samples of consumed batches
-   are never read nor decoded (only the ones still in the shuffle buffer at that point are read), and
+6. **Resume** at ``(epoch, start_batch)``: the orders are recomputed, samples of consumed batches are
+   never read nor decoded (only the ones still in the shuffle buffers at that point are read), and
    batches ``start_batch..`` equal those of an uninterrupted epoch — also with bad samples, because a
-   batch's content depends only on its own slots and later ones (except rule 6's epoch-end borrowing,
-   when every later batch is bad as well).
+   batch's content depends only on its own slots and later ones (except rule 5's epoch-end
+   borrowing, when every later batch is bad as well).
 
 Stages
 ------
-Each worker's stream is a chain of generators with one job each, composed in :meth:`ShardReader.epoch`:
-plan (:mod:`pipeline.plan`) -> open with retry and seek (:class:`ShardSource`) -> samples of a span
-(:func:`read_span`, shards parsed by :mod:`pipeline.shards.format`) -> validate (:func:`validated`)
--> order (:func:`shuffled`) -> batch (:func:`batched`); the workers' streams are merged by
-:func:`pipeline.prefetch.round_robin`, then filled (:func:`filled`).
+Each partition's stream is a chain of generators with one job each, composed in
+:meth:`ShardReader.epoch`: plan (:mod:`pipeline.plan`) -> open with retry and seek (:class:`ShardSource`)
+-> samples of a span (:func:`read_span`, shards parsed by :mod:`pipeline.shards.format`) -> validate
+(:func:`validated`) -> order (:func:`shuffled`) -> chunk per step (:func:`batched`); the rank's
+partitions are read in step with each other (:func:`pipeline.prefetch.lockstep`, one thread each
+``num_workers``), joined into batches, then filled (:func:`filled`).
 
 Bad data never stops the stream and is never silent. Each skipped sample is counted under one reason
 (``SKIP_REASONS``) and logged once (reason, shard, key):
@@ -62,6 +59,8 @@ the same backoff, at the first sample not yet handed out. Labels that cannot be 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -72,8 +71,8 @@ from typing import IO, Any, TypeVar
 import numpy as np
 
 from pipeline import storage
-from pipeline.plan import Span, plan_epoch, samples_per_rank, shuffle_order, split_workers
-from pipeline.prefetch import round_robin
+from pipeline.plan import EpochPlan, Span, rank_partitions
+from pipeline.prefetch import lockstep
 from pipeline.shards import dali_index
 from pipeline.shards.format import (
     NonAdjacentMembers,
@@ -392,11 +391,14 @@ class ShardReader:
     """Fixed-size batches of encoded images + labels for one rank of one epoch (policy: module doc).
 
     ``manifest_url``: ``manifest.json`` or its directory, local or any fsspec URL (s3:// ...);
-    ``storage_options``: fsspec options for remote shards (endpoint, profile); ``num_workers``: reading
-    threads, each with its own ``shuffle_buffer`` (in samples) and ``prefetch`` ready batches;
-    ``validate``: ``True``/``"cheap"``, ``"decode"`` or ``False`` (:mod:`pipeline.shards.images`); a
-    shard that fails to open is retried ``max_open_retries`` times, waiting ``retry_delay`` seconds,
-    doubled each time. ``stats`` is cumulative over the reader's life; see ``SKIP_REASONS``.
+    ``batch_size``: this rank's batch (the global batch is ``batch_size * world_size``);
+    ``partitions``: how many partitions the epoch is cut into (default ``world_size * num_workers``;
+    ``world_size`` must divide it, and it must divide the global batch); ``storage_options``: fsspec
+    options for remote shards (endpoint, profile); ``num_workers``: reading threads; ``shuffle_buffer``:
+    samples per partition's buffer; ``prefetch``: steps each thread reads ahead; ``validate``:
+    ``True``/``"cheap"``, ``"decode"`` or ``False`` (:mod:`pipeline.shards.images`); a shard that fails
+    to open is retried ``max_open_retries`` times, waiting ``retry_delay`` seconds, doubled each time.
+    ``stats`` is cumulative over the reader's life; see ``SKIP_REASONS``.
     """
 
     def __init__(
@@ -407,6 +409,7 @@ class ShardReader:
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 1,
+        partitions: int | None = None,
         seed: int = 0,
         shuffle_buffer: int = 1000,
         storage_options: dict[str, Any] | None = None,
@@ -422,22 +425,25 @@ class ShardReader:
         ):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if validate not in VALIDATE_LEVELS:
             raise ValueError(f'validate must be True, False, "cheap" or "decode", got {validate!r}')
         self.manifest = load_manifest(manifest_url, storage_options)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.num_workers, self.seed, self.shuffle_buffer = num_workers, seed, shuffle_buffer
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.validate, self.prefetch = validate, prefetch
-        self._counts = [s.samples for s in self.manifest.shards]
-        self.samples_per_rank = samples_per_rank(sum(self._counts), world_size, batch_size)
-        if self.samples_per_rank == 0:
+        self.partitions = world_size * num_workers if partitions is None else partitions
+        self.global_batch = batch_size * world_size
+        self._owned = list(rank_partitions(self.partitions, world_size, rank))
+        self.num_workers = min(num_workers, len(self._owned))
+        """Reading threads actually used: at most one per partition of this rank."""
+        self._counts = tuple(s.samples for s in self.manifest.shards)
+        self.batches_per_epoch = self.plan(0).steps
+        if self.batches_per_epoch == 0:
             raise ValueError(
-                f"{self.manifest.url}: {sum(self._counts)} samples cannot give world_size={world_size} "
-                f"ranks one batch of {batch_size} each"
+                f"{self.manifest.url}: {sum(self._counts)} samples cannot give one global batch of "
+                f"{self.global_batch} ({world_size} ranks x {batch_size})"
             )
-        self.batches_per_epoch = self.samples_per_rank // batch_size
+        self.samples_per_rank = self.batches_per_epoch * batch_size
         self._tally = Tally()
         self._source = ShardSource(
             self.manifest, storage_options, self._tally, retries=max_open_retries, delay=retry_delay
@@ -457,53 +463,69 @@ class ShardReader:
         (good samples delivered, fills excluded)."""
         return self._tally.snapshot()
 
-    def plan(self, epoch: int) -> list[list[Span]]:
-        """This rank's spans per loader worker for ``epoch``."""
-        spans = plan_epoch(self._counts, self.rank, self.world_size, self.batch_size, self.seed, epoch)
-        return split_workers(spans, self.num_workers, self.batch_size)
+    @property
+    def owned_partitions(self) -> list[int]:
+        """The partitions this rank reads (``pipeline.plan.rank_partitions``)."""
+        return list(self._owned)
+
+    @property
+    def order_facts(self) -> dict[str, int | str]:
+        """What the samples of every global step depend on (``pipeline.plan``), to compare across
+        restarts: the shard set (a digest of the manifest's shard names, sample counts and sha256),
+        the global batch, the partitions, the seed and the shuffle buffer. Not the world size."""
+        listed = [[s.name, s.samples, s.sha256] for s in self.manifest.shards]
+        return {
+            "shards": hashlib.sha256(json.dumps(listed).encode()).hexdigest()[:16],
+            "global_batch": self.global_batch,
+            "partitions": self.partitions,
+            "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
+        }
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The order of ``epoch``, the same on every rank and at every world size."""
+        return EpochPlan(self._counts, self.global_batch, self.partitions, self.seed, epoch)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[RawBatch]:
         """Batches ``start_batch .. batches_per_epoch-1`` of ``epoch`` on this rank."""
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch must be in [0, {self.batches_per_epoch}], got {start_batch}")
-        workers = self.num_workers
-        streams = [
-            self._worker_batches(epoch, w, spans, -(-max(0, start_batch - w) // workers))
-            for w, spans in enumerate(self.plan(epoch))
-        ]
-        merged = (
-            streams[0]
-            if workers == 1
-            else round_robin(streams, self.prefetch, "shard-reader", first=start_batch)
-        )
+        plan = self.plan(epoch)
+        threads = self.num_workers
+        groups = [self._owned[t::threads] for t in range(threads)]
+        streams = [_joined([self._partition_chunks(plan, p, start_batch) for p in group]) for group in groups]
+        merged = streams[0] if threads == 1 else _flattened(lockstep(streams, self.prefetch, "shard-reader"))
+        read_order = [p for group in groups for p in group]  # the order of the chunks in a merged step
+        order = [read_order.index(p) for p in self._owned]
+        batches = ([slot for i in order for slot in chunks[i]] for chunks in merged)
         expected = self.batches_per_epoch - start_batch
         count = 0
         try:
             for batch in filled(
-                merged, self._tally, f"rank {self.rank}, epoch {epoch}, from batch {start_batch}"
+                batches, self._tally, f"rank {self.rank}, epoch {epoch}, from batch {start_batch}"
             ):
                 count += 1
                 yield batch
         finally:
-            merged.close()
+            merged.close()  # stops the threads; each closes the shards it is reading
         if count != expected:
             raise RuntimeError(
                 f"rank {self.rank} epoch {epoch}: {count} batches from the readers, expected {expected}"
             )
 
-    def _worker_batches(
-        self, epoch: int, worker: int, spans: list[Span], start_batch: int
+    def _partition_chunks(
+        self, plan: EpochPlan, partition: int, start_batch: int
     ) -> Iterator[list[Good | None]]:
-        """One worker's batches as slot lists (None for a bad sample), from its ``start_batch`` on."""
-        n = sum(stop - start for _, start, stop in spans)
-        rng = np.random.default_rng([self.seed, epoch, 1, self.rank, worker])
-        order = shuffle_order(n, self.shuffle_buffer, rng)[start_batch * self.batch_size :]
-        needed = np.zeros(n, dtype=bool)
+        """Partition ``partition``'s part of each global step from ``start_batch`` on: lists of
+        ``plan.partition_batch`` slots (None for a bad sample)."""
+        b = plan.partition_batch
+        order = plan.order(partition, self.shuffle_buffer)[start_batch * b :]
+        needed = np.zeros(plan.partition_length, dtype=bool)
         needed[order] = True
-        return batched(shuffled(self._positions(spans, needed), order), self.batch_size)
+        return batched(shuffled(self._positions(plan.spans(partition), needed), order), b)
 
     def _positions(self, spans: list[Span], needed: np.ndarray) -> Iterator[tuple[int, Good | None]]:
-        """``(position in the worker's segment, sample)`` for every needed position, in order."""
+        """``(position in the partition, sample)`` for every needed position, in order."""
         base = 0
         for shard, start, stop in spans:
             ordinals = (np.flatnonzero(needed[base : base + stop - start]) + start).tolist()
@@ -513,3 +535,21 @@ class ShardReader:
                 for ordinal, good in validated(items, self.manifest, name, self.validate, self._tally):
                     yield base + ordinal - start, good
             base += stop - start
+
+
+def _flattened(steps: Iterator[tuple[tuple[T, ...], ...]]) -> Iterator[tuple[T, ...]]:
+    """Each step's tuple of per-thread tuples as one tuple; closes ``steps`` when closed."""
+    try:
+        for parts in steps:
+            yield sum(parts, ())
+    finally:
+        steps.close()
+
+
+def _joined(chunk_streams: list[Iterator[list[Good | None]]]) -> Iterator[tuple[list[Good | None], ...]]:
+    """The chunks of several partitions, one of each per step; closes them all when closed."""
+    try:
+        yield from zip(*chunk_streams)
+    finally:
+        for stream in chunk_streams:
+            stream.close()

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from pipeline import reader as reader_mod
-from pipeline.plan import plan_epoch, samples_per_rank, shard_order, shuffle_order, split_workers
+from pipeline.plan import EpochPlan, allowed_world_sizes, rank_partitions, shard_order, shuffle_order
 from pipeline.reader import RawBatch, ShardReader
 from pipeline.shards import format as shard_format
 from pipeline.shards.manifest import Manifest, ShardInfo, save_manifest
@@ -96,13 +96,23 @@ def keys_of(batches: list[RawBatch]) -> list[str]:
     return [k for b in batches for k in b.keys]
 
 
-def naive_block(
-    counts: list[int], rank: int, world: int, batch: int, seed: int, epoch: int
-) -> list[tuple[int, int]]:
-    """Independent reference: (shard, ordinal) of every sample of the rank's block, by listing them all."""
+def naive_steps(
+    counts: list[int], global_batch: int, partitions: int, buffer: int, seed: int, epoch: int
+) -> list[list[tuple[int, int]]]:
+    """Independent reference of the epoch order (pipeline/plan.py's module doc, rules 1-4), written by
+    listing every sample: the (shard, ordinal) of each sample of each global step, in order."""
     sequence = [(int(s), o) for s in shard_order(len(counts), seed, epoch) for o in range(counts[s])]
-    n = (len(sequence) // world // batch) * batch
-    return sequence[rank * n : (rank + 1) * n]
+    steps = len(sequence) // global_batch
+    b = global_batch // partitions
+    per_partition = []
+    for p in range(partitions):
+        stretch = sequence[p * steps * b : (p + 1) * steps * b]
+        rng = np.random.default_rng([seed, epoch, 1, p, 0])
+        emitted = [stretch[i] for i in shuffle_order(len(stretch), buffer, rng)]
+        per_partition.append(emitted)
+    return [
+        [x for p in range(partitions) for x in per_partition[p][k * b : (k + 1) * b]] for k in range(steps)
+    ]
 
 
 def expand(spans) -> list[tuple[int, int]]:
@@ -112,24 +122,26 @@ def expand(spans) -> list[tuple[int, int]]:
 # --- planning (pure) ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("world,batch", [(1, 4), (2, 3), (3, 5), (4, 1)])
-def test_plan_epoch_matches_naive_reference_and_partitions(world, batch):
-    counts = [7, 3, 11, 5, 9, 1, 6]
-    blocks = [plan_epoch(counts, r, world, batch, seed=3, epoch=2) for r in range(world)]
-    for r, spans in enumerate(blocks):
-        assert expand(spans) == naive_block(counts, r, world, batch, 3, 2)
-        assert sum(b - a for _, a, b in spans) == samples_per_rank(sum(counts), world, batch)
-    flat = [x for spans in blocks for x in expand(spans)]
-    assert len(flat) == len(set(flat)) == world * samples_per_rank(sum(counts), world, batch)
+@pytest.mark.parametrize("partitions,batch", [(1, 4), (2, 6), (3, 6), (6, 12), (12, 24)])
+def test_partitions_match_the_naive_reference_and_cover_disjoint(partitions, batch):
+    counts = [7, 3, 11, 5, 9, 1, 6, 23, 13, 17]
+    plan = EpochPlan(tuple(counts), batch, partitions, seed=3, epoch=2)
+    sequence = [(int(s), o) for s in shard_order(len(counts), 3, 2) for o in range(counts[s])]
+    flat = [x for p in range(partitions) for x in expand(plan.spans(p))]
+    assert flat == sequence[: plan.steps * batch]  # contiguous partitions, in order, the tail left out
+    assert plan.steps == sum(counts) // batch and all(
+        len(expand(plan.spans(p))) == plan.steps * plan.partition_batch for p in range(partitions)
+    )
 
 
 def test_shard_order_and_dropped_remainder_change_between_epochs():
-    counts = [10] * 8 + [3]  # 83 samples, world 2 x batch 8 -> 80 used, 3 dropped
+    counts = [10] * 8 + [3]  # 83 samples, global batch 16 -> 80 used, 3 dropped
     dropped, orders = [], []
     everything = {(s, o) for s in range(len(counts)) for o in range(counts[s])}
     for epoch in range(6):
         orders.append(tuple(shard_order(len(counts), 0, epoch)))
-        used = {x for r in range(2) for x in expand(plan_epoch(counts, r, 2, 8, 0, epoch))}
+        plan = EpochPlan(tuple(counts), 16, 2, 0, epoch)
+        used = {x for p in range(2) for x in expand(plan.spans(p))}
         dropped.append(frozenset(everything - used))
         assert len(everything - used) == 3
     assert len(set(orders)) == 6
@@ -138,20 +150,15 @@ def test_shard_order_and_dropped_remainder_change_between_epochs():
     assert tuple(shard_order(len(counts), 1, 0)) != orders[0]  # seed matters
 
 
-def test_plan_epoch_rejects_bad_rank():
+def test_ranks_must_share_the_partitions_equally():
+    assert list(rank_partitions(12, 3, 1)) == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="5 ranks cannot share 12 data partitions"):
+        rank_partitions(12, 5, 0)
     with pytest.raises(ValueError, match="rank"):
-        plan_epoch([10], 2, 2, 1, 0, 0)
-
-
-@pytest.mark.parametrize("workers", [1, 2, 3, 5])
-def test_split_workers_whole_batches_contiguous(workers):
-    spans = plan_epoch([7, 3, 11, 5, 9], 0, 1, 4, 0, 0)
-    segments = split_workers(spans, workers, 4)
-    assert len(segments) == workers
-    assert [x for seg in segments for x in expand(seg)] == expand(spans)
-    sizes = [sum(b - a for _, a, b in seg) for seg in segments]
-    assert all(s % 4 == 0 for s in sizes)
-    assert max(sizes) - min(sizes) <= 4
+        rank_partitions(4, 2, 2)
+    with pytest.raises(ValueError, match="global batch 10 does not split over 4 data partitions"):
+        EpochPlan((100,), 10, 4, 0, 0)
+    assert allowed_world_sizes(12, 1, 8) == [1, 2, 3, 4, 6]
 
 
 def test_shuffle_order_is_a_bounded_permutation():
@@ -183,8 +190,8 @@ def test_one_rank_epoch_exact_keys_labels_and_bytes(clean_set):
     assert len(set(keys)) == 96
     counts = [s.samples for s in reader.manifest.shards]
     offsets = np.cumsum([0, *counts])
-    expected = {f"{offsets[s] + o:09d}" for s, o in naive_block(counts, 0, 1, 8, 5, 0)}
-    assert set(keys) == expected
+    expected = [f"{offsets[s] + o:09d}" for step in naive_steps(counts, 8, 1, 16, 5, 0) for s, o in step]
+    assert keys == expected
     for b in batches:
         assert b.labels.dtype == np.int64
         for key, label, image in zip(b.keys, b.labels, b.images):
@@ -212,19 +219,54 @@ def test_shuffle_buffer_mixes_within_shard(clean_set):
     assert sum(b == a + 1 for a, b in itertools.pairwise(runs)) >= len(runs) - 5
 
 
-@pytest.mark.parametrize("world,workers", [(2, 1), (3, 2), (2, 3)])
-def test_ranks_and_workers_cover_disjoint_equal(clean_set, world, workers):
+@pytest.mark.parametrize("world,workers,batch", [(2, 1, 4), (3, 2, 4), (2, 3, 6)])
+def test_ranks_and_workers_cover_disjoint_equal(clean_set, world, workers, batch):
     per_rank = []
     for rank in range(world):
         reader = ShardReader(
-            clean_set, batch_size=4, rank=rank, world_size=world, num_workers=workers, shuffle_buffer=8
+            clean_set, batch_size=batch, rank=rank, world_size=world, num_workers=workers, shuffle_buffer=8
         )
+        assert reader.num_workers == workers and reader.partitions == world * workers
         batches = epoch_batches(reader, 1)
-        assert len(batches) == reader.batches_per_epoch == 100 // world // 4
+        assert len(batches) == reader.batches_per_epoch == 100 // (world * batch)
         per_rank.append(keys_of(batches))
     assert len({len(k) for k in per_rank}) == 1
     flat = [k for keys in per_rank for k in keys]
-    assert len(flat) == len(set(flat)) == world * (100 // world // 4) * 4
+    assert len(flat) == len(set(flat)) == world * (100 // (world * batch)) * batch
+
+
+def _step_keys(reader: ShardReader, epoch: int, start: int) -> list[list[str]]:
+    return [b.keys for b in reader.epoch(epoch, start)]
+
+
+def test_global_steps_hold_the_same_samples_at_every_world_size(clean_set):
+    """12 partitions, global batch 24: at world sizes 1, 2, 3, 4 and 6 the ranks' batches of each
+    step, rank by rank, are the naive reference's step; resumed at random steps with another world
+    size, the remaining steps are the same (an elastic run trains on every sample once)."""
+    counts = [s.samples for s in ShardReader(clean_set, batch_size=24).manifest.shards]
+    first = np.cumsum([0, *counts])  # make_clean_set numbers the samples consecutively across shards
+    key_of = {(i, o): f"{first[i] + o:09d}" for i in range(len(counts)) for o in range(counts[i])}
+    reference = [[key_of[x] for x in step] for step in naive_steps(counts, 24, 12, 5, seed=7, epoch=1)]
+    assert len(reference) == 100 // 24
+
+    def readers(world):
+        return [
+            ShardReader(clean_set, batch_size=24 // world, rank=r, world_size=world, partitions=12,
+                        shuffle_buffer=5, seed=7)
+            for r in range(world)
+        ]  # fmt: skip
+
+    for world in (1, 2, 3, 4, 6):
+        per_rank = [_step_keys(reader, 1, 0) for reader in readers(world)]
+        steps = [[k for rank in per_rank for k in rank[step]] for step in range(len(reference))]
+        assert steps == reference, world
+    rng = np.random.default_rng(0)
+    for world in (1, 2, 3, 4, 6):
+        start = int(rng.integers(0, len(reference)))
+        per_rank = [_step_keys(reader, 1, start) for reader in readers(world)]
+        assert [
+            [k for rank in per_rank for k in rank[i]] for i in range(len(reference) - start)
+        ] == reference[start:]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -286,7 +328,7 @@ def test_json_label_key_and_class_names(tmp_path):
 
 
 def test_too_few_samples_for_one_batch_per_rank(clean_set):
-    with pytest.raises(ValueError, match="world_size=4"):
+    with pytest.raises(ValueError, match=r"100 samples cannot give one global batch of 128 \(4 ranks x 32\)"):
         ShardReader(clean_set, batch_size=32, world_size=4)
 
 
@@ -347,7 +389,7 @@ def test_dali_index_seek_skips_headers_and_changes_nothing(digits_shards, monkey
     assert headers["index"] < headers["plain"] - 100
 
 
-@pytest.mark.parametrize("batch_size", [4, 32])  # 32: one batch per worker, each blocked after its last
+@pytest.mark.parametrize("batch_size", [6, 33])  # 33: one batch per thread, each blocked after its last
 def test_abandoning_a_threaded_epoch_stops_its_workers_quickly(clean_set, batch_size):
     import os
     import threading
