@@ -1,12 +1,14 @@
-"""Running a command the way a user does, bounded in time: tests that start real processes (which may
-start a local Ray instance of their own) use this, so that nothing outlives a test."""
+"""Helpers shared by the test packages: a command run the way a user runs it, bounded in time (so that
+nothing it starts, a local Ray instance included, outlives the test); a local Ray instance for a test
+module; a small training state; the worker loop run in the test's process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -33,3 +35,51 @@ def run_bounded(
         out, err = proc.communicate()
         timed_out = True
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), timed_out
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int = 2) -> Iterator[None]:
+    """A local Ray instance on 127.0.0.1 for a test module (no dashboard, worker logs not forwarded)."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def tiny_state(cfg):
+    """A fresh ``TrainState`` of ``cfg`` (4 steps per epoch, seed 0), for checkpoint tests."""
+    from training.loop import build_train_state
+
+    return build_train_state(
+        cfg.model,
+        cfg.objective,
+        cfg.optim,
+        cfg.schedule,
+        steps_per_epoch=4,
+        global_batch=cfg.data.global_batch_size,
+        seed=0,
+    )
+
+
+def run_local(cfg, root: str | Path, hooks: Sequence = ()):
+    """``cfg`` trained by the worker loop in this process (``LocalSession``, no Ray) under ``root``;
+    returns the session (its ``reports`` and ``run_dir``)."""
+    from cluster.session import LocalSession
+    from cluster.storage import RunStorage
+    from cluster.trainer import worker_spec
+    from cluster.worker import run_loop
+
+    storage = RunStorage.from_url(str(root))
+    session = LocalSession(storage.run_url(cfg.run.name))
+    Path(session.run_dir).mkdir(parents=True, exist_ok=True)
+    run_loop(worker_spec(cfg, storage, hooks=hooks, sha="test"), session)
+    return session

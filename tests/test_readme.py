@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from processes import run_bounded
+from support import run_bounded
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"

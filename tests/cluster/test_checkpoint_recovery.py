@@ -16,14 +16,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from support import local_ray, run_local, tiny_state
 
 from cluster import checkpoint
 from cluster.config import load_config
 from cluster.session import LocalSession
-from cluster.storage import RunStorage
-from cluster.trainer import worker_spec
-from cluster.worker import run_loop
-from training.loop import build_train_state
 
 TINY = Path(__file__).with_name("tiny.yaml")
 STATE, META = checkpoint.STATE_FILE, checkpoint.META_FILE
@@ -44,23 +41,11 @@ def _flip_one_byte(path: Path) -> None:
 # Unit level: two checkpoints written by write_checkpoint, no training
 
 
-def _state(cfg):
-    return build_train_state(
-        cfg.model,
-        cfg.objective,
-        cfg.optim,
-        cfg.schedule,
-        steps_per_epoch=4,
-        global_batch=cfg.data.global_batch_size,
-        seed=0,
-    )
-
-
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     """A run directory with checkpoints at steps 4 and 8 (``checkpoint-00000004``, ``-08``)."""
     cfg = load_config(TINY, ["data.train=/unused"])
-    state = _state(cfg)
+    state = tiny_state(cfg)
     run = tmp_path / "run"
     for step in (4, 8):
         state.step = step
@@ -215,7 +200,7 @@ def test_on_s3_the_fallback_and_the_snapshot_repair_work_the_same(run_dir, s3_bu
 
 def test_resume_with_no_usable_checkpoint_left_is_an_error_naming_the_files(run_dir, caplog):
     cfg = load_config(TINY, ["data.train=/unused"])
-    state = _state(cfg)
+    state = tiny_state(cfg)
     checkpointer = checkpoint.Checkpointer(
         cfg,
         LocalSession(str(run_dir)),
@@ -239,23 +224,9 @@ def test_resume_with_no_usable_checkpoint_left_is_an_error_naming_the_files(run_
 
 
 def _local_run(shards: str, root: Path, max_steps: int) -> LocalSession:
-    cfg = load_config(
-        TINY,
-        [
-            f"data.train={shards}",
-            f"run.storage={root}",
-            "run.name=local",
-            "scaling.num_workers=1",
-            f"run.max_steps={max_steps}",
-            "run.checkpoint_every=4",
-            "run.tensorboard=false",
-        ],
-    )
-    storage = RunStorage.from_url(str(root))
-    session = LocalSession(storage.run_url("local"))
-    Path(session.run_dir).mkdir(parents=True, exist_ok=True)
-    run_loop(worker_spec(cfg, storage, sha="test"), session)
-    return session
+    overrides = [f"data.train={shards}", f"run.storage={root}", "run.name=local", "scaling.num_workers=1"]
+    overrides += [f"run.max_steps={max_steps}", "run.checkpoint_every=4", "run.tensorboard=false"]
+    return run_local(load_config(TINY, overrides), root)
 
 
 def test_the_local_loop_resumes_from_the_older_checkpoint_when_the_newest_is_truncated(
@@ -279,19 +250,8 @@ def test_the_local_loop_resumes_from_the_older_checkpoint_when_the_newest_is_tru
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    try:
+    with local_ray(num_cpus=2):
         yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.ray

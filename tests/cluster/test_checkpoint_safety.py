@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import tiny_state
 
 from cluster.checkpoint import (
     STATE_FILE,
@@ -19,7 +20,6 @@ from cluster.checkpoint import (
     write_checkpoint,
 )
 from cluster.config import load_config
-from training.loop import build_train_state
 
 TINY = Path(__file__).with_name("tiny.yaml")
 
@@ -34,22 +34,10 @@ class _Payload:
         return (pathlib.Path.write_text, (pathlib.Path(self.marker), "ran"))
 
 
-def _state(cfg):
-    return build_train_state(
-        cfg.model,
-        cfg.objective,
-        cfg.optim,
-        cfg.schedule,
-        steps_per_epoch=4,
-        global_batch=cfg.data.global_batch_size,
-        seed=0,
-    )
-
-
 @pytest.fixture
 def good_checkpoint(tmp_path):
     cfg = load_config(TINY, ["data.train=/unused"])
-    state = _state(cfg)
+    state = tiny_state(cfg)
     directory = tmp_path / "run" / "checkpoint-00000000"
     write_checkpoint(directory, state, cfg, make_meta(state, git_sha="test", world_size=1, batch_size=16))
     return cfg, directory
@@ -63,7 +51,7 @@ def _poison(directory: Path, marker: Path) -> None:
 
 def test_our_checkpoints_load_as_plain_data(good_checkpoint):
     cfg, directory = good_checkpoint
-    state = _state(cfg)
+    state = tiny_state(cfg)
     restore(state, directory)  # RNG states included: nothing beyond tensors and plain values
     loaded = load_model_from_checkpoint(str(directory))
     assert loaded.step == 0 and loaded.target is not None
@@ -79,7 +67,7 @@ def test_a_checkpoint_carrying_a_callable_is_refused_and_nothing_runs(good_check
     marker.unlink()
 
     with pytest.raises(CheckpointError, match=rf"{STATE_FILE}: refused to load.*data only"):
-        restore(_state(cfg), directory)
+        restore(tiny_state(cfg), directory)
     with pytest.raises(CheckpointError, match="refused to load"):
         load_model_from_checkpoint(str(directory))
     assert not marker.exists()

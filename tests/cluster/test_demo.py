@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-from processes import run_bounded
+from support import run_bounded
 
 from commands import demo, report
 from pipeline.labelled import load_labelled_images

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import run_local
 
 from cluster.checkpoint import checkpoint_due, latest_checkpoint, load_model_from_checkpoint, segment_end
 from cluster.config import load_config
 from cluster.reporting import aggregate
 from cluster.session import LocalSession
-from cluster.storage import RunStorage
-from cluster.trainer import progress_line, worker_spec
-from cluster.worker import run_loop
+from cluster.trainer import progress_line
 
 TINY = Path(__file__).with_name("tiny.yaml")
 
@@ -111,27 +110,20 @@ def small_shards(tmp_path_factory):
 
 
 def _run(shards: str, root: Path, *overrides: str) -> tuple[LocalSession, list[dict]]:
-    cfg = load_config(
-        TINY,
-        [
-            f"data.train={shards}",
-            f"run.storage={root}",
-            "run.name=local",
-            "scaling.num_workers=1",
-            *overrides,
-        ],
+    overrides = (
+        f"data.train={shards}",
+        f"run.storage={root}",
+        "run.name=local",
+        "scaling.num_workers=1",
+        *overrides,
     )
-    storage = RunStorage.from_url(str(root))
     records: list[dict] = []
 
     class Collect:
         def on_step(self, info):
             records.append({"step": info.step, "loss": info.metrics["loss"], "keys": info.keys})
 
-    session = LocalSession(storage.run_url("local"))
-    Path(session.run_dir).mkdir(parents=True, exist_ok=True)
-    run_loop(worker_spec(cfg, storage, hooks=[Collect()], sha="test"), session)
-    return session, records
+    return run_local(load_config(TINY, list(overrides)), root, hooks=[Collect()]), records
 
 
 @pytest.mark.slow
