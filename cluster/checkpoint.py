@@ -132,11 +132,31 @@ def load_state_file(
         ) from None
 
 
-def restore(state: Any, directory: str | os.PathLike) -> dict[str, Any]:
+def restore(
+    state: Any, directory: str | os.PathLike, data_order: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Load ``train_state.pt`` from the local ``directory`` into ``state`` (before DDP wrapping or not:
-    ``TrainState`` loads into the unwrapped module). Returns the checkpoint's meta."""
+    ``TrainState`` loads into the unwrapped module). Returns the checkpoint's meta.
+
+    ``data_order``: this run's ``ShardReader.order_facts``; a checkpoint whose data position was taken
+    under other facts (another shard set, global batch, number of partitions, seed or shuffle buffer)
+    is refused with a ``CheckpointError`` naming each difference: resuming it could not continue the
+    epoch exactly. Facts a checkpoint does not record are not compared."""
     directory = Path(directory)
-    state.load_state_dict(load_state_file(directory / STATE_FILE, state.device))
+    saved = load_state_file(directory / STATE_FILE, state.device)
+    recorded = (saved.get("extra") or {}).get("data") or {}
+    differences = [
+        f"{key} {recorded[key]!r} there, {value!r} here"
+        for key, value in (data_order or {}).items()
+        if key in recorded and recorded[key] != value
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{directory}: the checkpoint's data order differs from this run's ({'; '.join(differences)}): "
+            "resuming could not continue its epoch exactly; train with the checkpoint's data settings, "
+            "or start a new run (another run.name)"
+        )
+    state.load_state_dict(saved)
     return read_meta(directory)
 
 
@@ -489,6 +509,7 @@ class Checkpointer:
         *,
         run_dir: str,
         run_options: dict[str, Any],
+        data_order: dict[str, Any] | None = None,
         steps_per_epoch: int,
         total_steps: int,
         batch_size: int,
@@ -497,6 +518,8 @@ class Checkpointer:
         self.cfg, self.session = cfg, session
         self.run_dir, self.run_options = run_dir, run_options
         """Where the run's checkpoints live (local or URL) and its storage options."""
+        self.data_order = dict(data_order or {})
+        """The reader's ``order_facts``: stored with each checkpoint, compared on restore."""
         self.steps_per_epoch, self.batch_size, self.git_sha = steps_per_epoch, batch_size, git_sha
         max_steps = cfg.run.max_steps
         self.end_step = total_steps if max_steps is None else min(total_steps, max_steps)
@@ -531,7 +554,7 @@ class Checkpointer:
                 return None
             problem = checkpoint_problem(directory, shown_as=where)
             if problem is None:
-                return self._resumed(restore(state, directory), where, state)
+                return self._resumed(restore(state, directory, self.data_order), where, state)
         fallback = find_usable_checkpoint(self.run_dir, self.run_options, before_step=_dir_step(where))
         if fallback is None:
             raise CheckpointError(
@@ -540,7 +563,7 @@ class Checkpointer:
             )
         log.warning("%s; resuming from the newest usable checkpoint before it, %s", problem, fallback)
         with _local_copy(fallback, self.run_options) as local:
-            return self._resumed(restore(state, local), fallback, state)
+            return self._resumed(restore(state, local, self.data_order), fallback, state)
 
     def _resumed(self, meta: dict[str, Any], where: str, state: Any) -> int:
         if self.session.rank == 0:
@@ -551,6 +574,14 @@ class Checkpointer:
                 state.epoch,
                 state.batch_in_epoch,
             )
+            before = meta.get("world_size")
+            if before is not None and before != self.session.world_size:
+                log.warning(
+                    "resized: the checkpoint was written by %d workers, training goes on with %d "
+                    "(the same samples at every step)",
+                    before,
+                    self.session.world_size,
+                )
         return state.step
 
     def write(self, state: Any) -> PendingCheckpoint:
@@ -566,6 +597,7 @@ class Checkpointer:
                 "epoch": state.epoch,
                 "batch_in_epoch": state.batch_in_epoch,
                 "world_size": world,
+                **self.data_order,
             }
             meta = make_meta(state, git_sha=self.git_sha, world_size=world, batch_size=self.batch_size)
             write_checkpoint(directory, state, self.cfg, meta)

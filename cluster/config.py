@@ -52,6 +52,7 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails
 
 from pipeline.augment import PresetError, PresetName, PresetOptions, ViewRecipe, preset
+from pipeline.plan import allowed_world_sizes
 from training.config import SECTION_CONFIG, ModelConfig, ObjectiveConfig, OptimConfig, ScheduleConfig
 
 #: What a secret value is shown and stored as.
@@ -85,9 +86,18 @@ class DataConfig:
     """Images per optimiser step summed over all workers (ReLIC/BYOL use 4096); a multiple of
     ``scaling.num_workers``."""
     shuffle_buffer: PositiveInt = 1000
-    """Sample-level shuffle buffer of each reader (samples)."""
+    """Sample-level shuffle buffer of each data partition (samples); a worker holds one per partition
+    it reads."""
     reader_workers: PositiveInt = 1
-    """Reader threads/processes per training worker (ShardReader num_workers)."""
+    """Reader threads per training worker (``ShardReader`` ``num_workers``), one per partition at most."""
+    partitions: PositiveInt | None = None
+    """Contiguous partitions the epoch's samples are cut into (``pipeline.plan``): global step k takes
+    ``global_batch_size / partitions`` samples of each, and a run of W workers gives each
+    ``partitions / W`` of them. The order of an epoch depends on it, never on the number of workers: a
+    run resumed with any number of workers that divides it continues exactly. It must divide
+    ``global_batch_size``; null: the largest ``scaling.num_workers`` x ``reader_workers``. More
+    partitions allow more sizes (``global_batch_size`` itself allows every divisor of the batch), at
+    the cost of more shard streams and shuffle buffers open in each worker."""
     endpoint_url: str | None = None
     """S3-compatible endpoint for the shards (MinIO, moto); None: RELIC_S3_ENDPOINT_URL/AWS_ENDPOINT_URL*."""
     profile: str | None = None
@@ -174,8 +184,12 @@ class RunConfig:
 class ScalingConfig:
     """Workers, their resources and how they are placed."""
 
-    num_workers: PositiveInt = 2
-    """Training workers (one process, one DDP rank each; one per GPU on GPU nodes)."""
+    num_workers: PositiveInt | tuple[PositiveInt, PositiveInt] = 2
+    """Training workers (one process, one DDP rank each; one per GPU on GPU nodes); ``[min, max]`` for
+    an elastic run that Ray Train resizes between min and max as nodes come and go. The global batch
+    stays the same at every size (``global_batch_size / workers`` per worker), and so do the
+    learning-rate schedule and the step count; a run only ever uses a number of workers that divides
+    ``data.partitions``."""
     use_gpu: bool = False
     """One GPU per worker, DALI on the GPU ("mixed" decode), NCCL."""
     cpus_per_worker: PositiveFloat = 1.0
@@ -186,6 +200,9 @@ class ScalingConfig:
     """Extra custom Ray resources per worker, e.g. ``{accelerator_type:H100: 0.001}``."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement group strategy for the workers (PACK fills nodes, SPREAD one per node)."""
+    resize_check_s: NonNegativeFloat = 60.0
+    """Elastic runs: how often Ray Train looks whether more workers could run (Ray's
+    ``elastic_resize_monitor_interval_s``); growing restarts the group from the last checkpoint."""
     resource_wait_s: NonNegativeFloat = 300.0
     """Seconds to wait for a joined Ray cluster to offer ``num_workers`` x the per-worker resources
     (nodes joining, an autoscaler scaling up, other jobs releasing theirs), logging what is missing,
@@ -210,6 +227,25 @@ class ScalingConfig:
         if backend == "nccl" and info.data.get("use_gpu") is False:
             raise ValueError("expected 'gloo' or 'auto' on CPU ('nccl' needs use_gpu: true)")
         return backend
+
+    @field_validator("num_workers")
+    @classmethod
+    def _range(cls, workers: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(workers, tuple) and workers[0] > workers[1]:
+            raise ValueError(f"expected [min, max] with min <= max, got {list(workers)}")
+        return workers
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
     @property
     def torch_backend(self) -> str:
@@ -240,8 +276,20 @@ class ExperimentConfig:
     """Workers and their resources."""
 
     @property
+    def partitions(self) -> int:
+        """``data.partitions``, or its default: the largest number of workers x ``data.reader_workers``."""
+        return self.data.partitions or self.scaling.max_workers * self.data.reader_workers
+
+    @property
+    def world_sizes(self) -> list[int]:
+        """The numbers of workers this run may train with (``scaling.num_workers`` that divide the
+        partitions)."""
+        return allowed_world_sizes(self.partitions, self.scaling.min_workers, self.scaling.max_workers)
+
+    @property
     def per_worker_batch_size(self) -> int:
-        return self.data.global_batch_size // self.scaling.num_workers
+        """The batch of each worker at the largest number of workers."""
+        return self.data.global_batch_size // max(self.world_sizes)
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-safe) that ``config_from_dict`` turns back into this config.
@@ -372,12 +420,34 @@ def config_from_dict(raw: Mapping[str, Any], *, source: str | None = None) -> Ex
 
 def validate(cfg: ExperimentConfig, *, source: str | None = None) -> None:
     """Constraints that span sections (each section validates its own fields on construction)."""
-    n = cfg.scaling.num_workers
-    if cfg.data.global_batch_size % n:
+    scaling, batch, partitions = cfg.scaling, cfg.data.global_batch_size, cfg.partitions
+    if not scaling.elastic and batch % scaling.num_workers:
+        n = scaling.num_workers
         raise ConfigError(
-            f"{cfg.data.global_batch_size} does not split evenly over scaling.num_workers={n} "
-            f"(expected a multiple of {n}, e.g. {max(n, cfg.data.global_batch_size // n * n)})",
+            f"{batch} does not split evenly over scaling.num_workers={n} "
+            f"(expected a multiple of {n}, e.g. {max(n, batch // n * n)})",
             key="data.global_batch_size",
+            source=source,
+        )
+    if batch % partitions:
+        raise ConfigError(
+            f"{batch} does not split over {partitions} data partitions (data.partitions, by default "
+            f"the largest scaling.num_workers x data.reader_workers): expected a multiple of {partitions}",
+            key="data.global_batch_size",
+            source=source,
+        )
+    if not cfg.world_sizes:
+        raise ConfigError(
+            f"no number of workers in {scaling.num_workers} divides the {partitions} data partitions "
+            f"(data.partitions); a run can only use a number of workers that divides them",
+            key="scaling.num_workers",
+            source=source,
+        )
+    if not scaling.elastic and scaling.num_workers not in cfg.world_sizes:
+        raise ConfigError(
+            f"{scaling.num_workers} workers cannot share the {partitions} data partitions equally "
+            f"(data.partitions must be a multiple of scaling.num_workers)",
+            key="data.partitions",
             source=source,
         )
     try:

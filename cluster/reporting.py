@@ -130,6 +130,7 @@ class MetricsReporter:
             "step": state.step,
             "epoch": epoch,
             "total_steps": self.total_steps,
+            "world_size": len(per_rank),
             "samples_seen": state.samples_seen,
             **{k: last[k] for k in ("loss", "contrastive", "invariance", "lr", "momentum")},
             **aggregate(per_rank, self.skip_reasons),

@@ -8,11 +8,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 #: How long rank 0 waits for Ray Train to commit a checkpoint it reported before training goes on.
 COMMIT_TIMEOUT_S = 600.0
@@ -56,6 +58,30 @@ class RaySession:
         self.sink = sink
         self._uncommitted = False
 
+    def on_main_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the worker process's main thread (Ray Train runs the loop in another thread):
+        through the worker actor's own ``execute`` method, which Ray runs there."""
+        import ray
+
+        return ray.get(ray.get_runtime_context().current_actor.execute.remote(fn))
+
+    def preemption_signalled(self) -> bool:
+        """Whether Ray reports that a node of the worker group is being preempted (a barrier across
+        the workers: every rank asks at the same steps)."""
+        import ray.train
+
+        return ray.train.get_preemption_info() is not None
+
+    def wait_committed(self) -> None:
+        """Return once Ray Train has committed every checkpoint this rank reported."""
+        import ray.train
+
+        if self._uncommitted:
+            ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=COMMIT_TIMEOUT_S
+            )
+            self._uncommitted = False
+
     @contextlib.contextmanager
     def checkpoint_dir(self) -> Iterator[tuple[str, str] | tuple[None, None]]:
         """``(local directory, description)`` of the checkpoint to resume from, or ``(None, None)``."""
@@ -79,11 +105,7 @@ class RaySession:
                 self.sink.push.remote({"kind": "report", "metrics": metrics})
             if not at_segment_end:
                 return
-        if self._uncommitted:
-            ray.train.get_all_reported_checkpoints(
-                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=COMMIT_TIMEOUT_S
-            )
-            self._uncommitted = False
+        self.wait_committed()
         if checkpoint is None:
             ray.train.report(metrics)
         elif checkpoint.directory is None:
@@ -108,6 +130,15 @@ class LocalSession:
         self.device = torch.device(device)
         self.run_dir = run_dir
         self.reports: list[dict[str, Any]] = []
+
+    def on_main_thread(self, fn: Callable[[], T]) -> T:
+        return fn()
+
+    def preemption_signalled(self) -> bool:
+        return False
+
+    def wait_committed(self) -> None:
+        """Checkpoints are in place as soon as ``report`` returns."""
 
     @contextlib.contextmanager
     def checkpoint_dir(self) -> Iterator[tuple[str, str] | tuple[None, None]]:

@@ -206,7 +206,6 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
     within ``run.network_timeout_s``: a store that never answers is an error naming the key, the
     endpoint and the limit, not a hang.
     """
-    from pipeline.plan import samples_per_rank
     from pipeline.shards.manifest import load_manifest
 
     def manifest(key: str, url: str):
@@ -216,15 +215,14 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
 
     train = manifest("data.train", cfg.data.train)
     total = sum(s.samples for s in train.shards)
-    world, batch = cfg.scaling.num_workers, cfg.per_worker_batch_size
-    per_rank = samples_per_rank(total, world, batch)
-    if per_rank == 0:
+    batch = cfg.data.global_batch_size
+    if total < batch:
         raise ConfigError(
-            f"{total} training samples cannot give {world} workers one batch of {batch} each "
-            f"(global batch {cfg.data.global_batch_size}); expected at least {world * batch} samples",
+            f"{total} training samples cannot give one global batch of {batch}; expected at least "
+            f"{batch} samples",
             key="data.global_batch_size",
         )
-    facts = {"train_samples": total, "steps_per_epoch": per_rank // batch, "labelled": bool(train.label_ext)}
+    facts = {"train_samples": total, "steps_per_epoch": total // batch, "labelled": bool(train.label_ext)}
     if cfg.data.knn_val and cfg.run.knn_every:
         for key in ("data.knn_train", "data.knn_val"):
             url = getattr(cfg.data, key.split(".")[1]) or cfg.data.train
@@ -274,7 +272,8 @@ def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:
 
 
 def wait_for_resources(cfg: ExperimentConfig) -> None:
-    """Return once the connected Ray cluster can start the run's workers; ConfigError at
+    """Return once the connected Ray cluster can start the run's workers (an elastic run: the fewest it
+    may use); ConfigError at
     ``scaling.num_workers`` naming what was asked and what the cluster has, otherwise.
 
     Without this, Ray Train waits for its placement group without a word, gives up after
@@ -289,7 +288,8 @@ def wait_for_resources(cfg: ExperimentConfig) -> None:
     from ray.util.placement_group import placement_group, remove_placement_group
 
     per_worker = {k: v for k, v in worker_resources(cfg).items() if v > 0}
-    num_workers, strategy = cfg.scaling.num_workers, cfg.scaling.placement_strategy
+    # an elastic run starts with what is there, from its smallest allowed size on
+    num_workers, strategy = min(cfg.world_sizes), cfg.scaling.placement_strategy
     need = {k: v * num_workers for k, v in per_worker.items()}
 
     def requested(resources: dict[str, float]) -> str:
@@ -410,6 +410,7 @@ def run_info(cfg: ExperimentConfig) -> dict[str, Any]:
         "ray": ray.__version__,
         "torch": torch.__version__,
         "num_workers": cfg.scaling.num_workers,
+        "partitions": cfg.partitions,
     }
 
 
@@ -465,6 +466,8 @@ def progress_line(m: dict[str, Any]) -> str:
     ``step 120/800 ep 1 loss 4.213 (c 4.101 i 0.112) lr 0.0500 m 0.9961 1234 img/s wait 3%``."""
     total = m.get("total_steps")
     parts = [f"step {m.get('step')}" + (f"/{total}" if total else ""), f"ep {m.get('epoch')}"]
+    if "world_size" in m:
+        parts.append(f"w{m['world_size']}")
     if "loss" in m:
         parts.append(
             f"loss {m['loss']:.4f} (c {m.get('contrastive', float('nan')):.4f} i {m.get('invariance', float('nan')):.4f})"
@@ -540,6 +543,7 @@ def build_trainer(
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=worker_resources(cfg),
             placement_strategy=cfg.scaling.placement_strategy,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_check_s,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -573,6 +577,7 @@ def fit(
     for good (after ``run.max_failures`` restarts).
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     if not ray.is_initialized():
         raise RuntimeError("fit() needs a Ray connection: wrap it in cluster.trainer.ray_session()")
@@ -598,7 +603,16 @@ def fit(
         "run %s in %s (git %s)%s", cfg.run.name, run_dir, info["git_sha"], " — resuming" if resuming else ""
     )
 
-    sink = _sink_class().remote()
+    # on the driver's node, which the run cannot lose: a sink on a lost node would drop every report after
+    sink = (
+        _sink_class()
+        .options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node_id=ray.get_runtime_context().get_node_id(), soft=False
+            )
+        )
+        .remote()
+    )
     spec = worker_spec(cfg, storage, hooks=hooks, sha=info["git_sha"], sink=sink)
     trainer = build_trainer(
         cfg,
@@ -620,6 +634,10 @@ def fit(
                 if m.get("restored_step", -1) != restored["step"]:
                     restored["step"] = m["restored_step"]
                     emit(f"resumed from the checkpoint at step {m['restored_step']}")
+                if m.get("world_size") != restored.get("world_size"):
+                    if restored.get("world_size") is not None:
+                        emit(f"worker group resized: {restored['world_size']} -> {m['world_size']} workers")
+                    restored["world_size"] = m.get("world_size")
                 if m.get("step") in unclaimed:
                     m["checkpoint"] = unclaimed.pop(m["step"])
                 history.append(m)
@@ -657,7 +675,10 @@ def fit(
     pump_thread = threading.Thread(target=pump, name="relic-progress", daemon=True)
     pump_thread.start()
     try:
-        result = trainer.fit()
+        from cluster.elastic import divisible_sizes  # imports Ray Train's internals
+
+        with divisible_sizes(cfg.world_sizes):
+            result = trainer.fit()
     finally:
         stop.set()
         pump_thread.join(timeout=120)

@@ -11,7 +11,8 @@ exactly the segment the uninterrupted run did: the same samples (the reader's re
 the same augmentations (the loader seeds DALI from (seed, rank, epoch, start_batch)); the next
 segment is set up in the background meanwhile. Every cadence lives in the component that owns it:
 checkpoints and segments in ``cluster.checkpoint.Checkpointer``, reports in
-``cluster.reporting.MetricsReporter``, the kNN monitor in ``cluster.monitor.KNNMonitor``.
+``cluster.reporting.MetricsReporter``, the kNN monitor in ``cluster.monitor.KNNMonitor``, the
+checkpoint on a termination notice in ``cluster.preemption.PreemptionMonitor``.
 """
 
 from __future__ import annotations
@@ -112,18 +113,25 @@ class Hooks:
 
 
 def build_data(spec: WorkerSpec, rank: int, world: int, device: torch.device) -> tuple[Any, Any, Any]:
-    """``(reader, recipe, loader)`` of this rank: its share of the training shards, the view recipe and
-    the DALI loader on its device. The global batch is split over the ranks actually running."""
+    """``(reader, recipe, loader)`` of this rank: its partitions of the training shards, the view recipe
+    and the DALI loader on its device. The global batch is split over the ranks actually running."""
     from pipeline.loader import ViewLoader
     from pipeline.reader import ShardReader
 
     cfg = spec.config
+    if world not in cfg.world_sizes:
+        raise RuntimeError(
+            f"started with {world} workers, but this run can only use {cfg.world_sizes} (the numbers of "
+            f"workers in scaling.num_workers={cfg.scaling.num_workers} that divide the "
+            f"{cfg.partitions} data partitions)"
+        )
     reader = ShardReader(
         cfg.data.train,
         batch_size=cfg.data.global_batch_size // world,
         rank=rank,
         world_size=world,
         num_workers=cfg.data.reader_workers,
+        partitions=cfg.partitions,
         seed=cfg.run.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
         storage_options=spec.data_options.train,
@@ -169,6 +177,7 @@ def run_loop(spec: WorkerSpec, session: Any) -> None:
 
     from cluster.checkpoint import Checkpointer
     from cluster.monitor import KNNMonitor
+    from cluster.preemption import PreemptionMonitor
     from cluster.reporting import MetricsReporter, TensorBoard
     from pipeline.reader import SKIP_REASONS
     from training.loop import build_train_state, train_step
@@ -193,6 +202,7 @@ def run_loop(spec: WorkerSpec, session: Any) -> None:
         session,
         run_dir=spec.run_dir,
         run_options=spec.run_storage_options,
+        data_order=reader.order_facts,
         steps_per_epoch=per_epoch,
         total_steps=state.total_steps,
         batch_size=reader.batch_size,
@@ -222,14 +232,17 @@ def run_loop(spec: WorkerSpec, session: Any) -> None:
         else None,
     )
     hooks = Hooks(spec.hooks, session, restored_step)
-    hooks.start(state)
+    preemption = PreemptionMonitor(session)
     try:
+        hooks.start(state)
         while state.step < end:
             epoch, stop = state.epoch, checkpointer.segment_end(state.step)
             for batch in reporter.timed(segment(loader, state.step, stop, per_epoch, end)):
                 last = train_step(state, batch)
                 hooks.step(state, last, batch)
-                if not reporter.due(state.step, stop):
+                reporting = reporter.due(state.step, stop)
+                preempted = preemption.due(reporting)
+                if not (reporting or preempted):
                     continue
                 knn = (
                     monitor.accuracy(state.online.encoder)
@@ -238,10 +251,13 @@ def run_loop(spec: WorkerSpec, session: Any) -> None:
                 )
                 metrics = reporter.collect(state, last, loader.stats, epoch=epoch, knn=knn)
                 checkpoint = None
-                if state.step == stop and checkpointer.due(state.step):
+                if preempted or (state.step == stop and checkpointer.due(state.step)):
                     reporter.sync()
                     checkpoint = checkpointer.write(state)
-                session.report(metrics, checkpoint, at_segment_end=state.step == stop)
+                session.report(metrics, checkpoint, at_segment_end=state.step == stop or preempted)
+                if preempted:
+                    preemption.stop(state.step)
     finally:
+        preemption.close()
         loader.close()
         reporter.close()

@@ -149,7 +149,7 @@ def train_encoders(
     from cluster.trainer import fit, ray_session
 
     results, seconds = {}, {}
-    cpus = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    cpus = math.ceil(cfg.scaling.max_workers * cfg.scaling.cpus_per_worker)
     with ray_session(num_cpus=cpus, worker_logs=worker_logs):
         for name, alpha in runs:
             run_cfg = dataclasses.replace(

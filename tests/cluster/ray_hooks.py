@@ -53,6 +53,7 @@ class Recorder:
             {
                 "event": "step",
                 "rank": info.rank,
+                "world_size": info.world_size,
                 "step": info.step,
                 "epoch": info.epoch,
                 "node": info.node_id,
@@ -61,6 +62,40 @@ class Recorder:
                 **{k: info.metrics[k] for k in ("loss", "contrastive", "invariance", "lr", "momentum")},
             },
         )
+
+
+class SlowSteps:
+    """``seconds`` of sleep after every step, so that a test can change the cluster while training
+    goes on."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_step(self, info) -> None:
+        import time
+
+        time.sleep(self.seconds)
+
+
+class TermOnce:
+    """SIGTERM this worker process after ``step`` on ``rank`` (the termination notice a preempted node
+    gets), once: while ``marker`` does not exist. Waits until the process has noted it (its handler
+    runs on the main thread), so that the notice belongs to that step."""
+
+    def __init__(self, step: int, marker: str | os.PathLike, rank: int = 0) -> None:
+        self.step, self.marker, self.rank = step, str(marker), rank
+
+    def on_step(self, info) -> None:
+        import time
+
+        from cluster import preemption
+
+        if info.rank == self.rank and info.step == self.step and not os.path.exists(self.marker):
+            Path(self.marker).write_text("sent")
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while not preemption._notice.is_set() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 class KillOnce:

@@ -5,52 +5,14 @@ set each one's loss sees must hold the gathered targets of both: 2 x B entries, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from helpers import TINY, ray_hooks
 
 from cluster.config import load_config
 
-TINY = Path(__file__).resolve().parents[1] / "cluster" / "tiny.yaml"
-
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(400)]
-
-
-def _hooks():
-    if "ray_hooks" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("ray_hooks", TINY.with_name("ray_hooks.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["ray_hooks"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["ray_hooks"]
-
-
-@pytest.fixture(scope="module")
-def two_nodes():
-    import ray
-    import ray._private.ray_constants as ray_constants
-    from ray.cluster_utils import Cluster
-
-    # Ray resolves "127.0.0.1" in a cluster address to the host's external IP unless clusters are
-    # "disabled"; the nodes here listen on loopback only, so keep loopback addresses as they are.
-    saved = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    common = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
-    cluster = Cluster(initialize_head=True, head_node_args={**common, "include_dashboard": False})
-    try:
-        cluster.add_node(**common)
-        cluster.wait_for_nodes(timeout=120)
-        ray.init(address=cluster.address, _node_ip_address="127.0.0.1", log_to_driver=False)
-        try:
-            yield cluster
-        finally:
-            ray.shutdown()
-    finally:
-        cluster.shutdown()
-        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def test_one_worker_per_node_disjoint_data_and_gathered_contrast_set(two_nodes, digits_shards, tmp_path):
@@ -58,7 +20,7 @@ def test_one_worker_per_node_disjoint_data_and_gathered_contrast_set(two_nodes, 
 
     from cluster.trainer import fit
 
-    hooks = _hooks()
+    hooks = ray_hooks()
     hooks.by_value()
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     records = tmp_path / "records"
