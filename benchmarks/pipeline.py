@@ -23,6 +23,9 @@ run each with ``--quick``); every run is in the JSON under ``runs``:
   turn; outputs copied into torch tensors the same way.
 - ``ours_4x``: ``ours`` on the 4x shard set (peak RSS only matters; it must not grow with shards).
 - ``reader``: ``ShardReader.epoch`` alone (shards -> batched JPEG bytes, no decode), one process.
+- ``read_amplification``: on the 4x set, 8 ranks (8 partitions): bytes each rank's shard streams
+  deliver in an epoch over the bytes (whole tar footprint) of the samples it trains on, worst rank;
+  also after resuming a third into the epoch at 4 ranks.
 - ``tar_ours`` / ``tar_webdataset``: the raw member stream alone over the 4x set, reading the image and
   label members and stepping over the rest, with the shard format's tar parser against webdataset's
   ``tar_file_iterator`` (3 alternating runs each, median): what the hand-written parser buys.
@@ -38,7 +41,8 @@ after 50 and after 61); 2,000 photos (62 batches) put the 1x run past that warm-
 
 Headline: ``speedup_vs_torchvision`` = ours / torchvision view pairs per second;
 ``ratio_vs_dali_native`` = ours / dali_native; ``rss_growth_4x`` = ours_4x / ours tree peak RSS;
-``reader_samples_per_s``; ``tar_parser_vs_webdataset`` = tar_ours / tar_webdataset members per second.
+``reader_samples_per_s``; ``tar_parser_vs_webdataset`` = tar_ours / tar_webdataset members per second;
+``read_amplification`` (target <= 1.10 at 8 ranks).
 Targets (issue 3, 2-core machine): >= 2.5, >= 0.9, <= 1.10.
 """
 
@@ -168,6 +172,73 @@ def run_reader(shards: str) -> dict:
     return {"samples": n, "seconds": round(seconds, 3), "samples_per_s": n / seconds}
 
 
+AMPLIFICATION_RANKS = 8
+
+
+def run_read_amplification(shards: str, ranks: int = AMPLIFICATION_RANKS) -> dict:
+    """Bytes each of ``ranks`` ranks reads in one epoch (every read of its shard streams, counted) over
+    the bytes of the samples it trains on (each sample's whole footprint in the tar: headers, data and
+    padding of all its members): the worst rank's ratio, and the mean. Also the same after a resize,
+    resuming mid-epoch at half the ranks."""
+    from pipeline import storage
+    from pipeline.reader import ShardReader
+    from pipeline.shards.format import samples, tar_members
+
+    footprint: dict[str, int] = {}  # sample key -> bytes in its tar
+    manifest = ShardReader(shards, batch_size=BATCH).manifest
+    for i in range(len(manifest.shards)):
+        with open(manifest.shard_url(i), "rb") as f:
+            for sample in samples(tar_members(f)):
+                footprint[sample.key] = sum(512 + m.size + (-m.size % 512) for m in sample.members)
+
+    read = [0]
+    real_open = storage.open_stream
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read[0] += len(data)
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    storage.open_stream = lambda url, options=None: Counting(real_open(url, options))
+
+    def ratios(world: int, start_batch: int) -> list[float]:
+        out = []
+        for rank in range(world):
+            reader = ShardReader(
+                shards, batch_size=BATCH, rank=rank, world_size=world, partitions=ranks, shuffle_buffer=1000
+            )
+            read[0] = 0
+            trained = sum(footprint[k] for b in reader.epoch(0, start_batch) for k in b.keys)
+            out.append(read[0] / trained)
+        return out
+
+    try:
+        whole = ratios(ranks, 0)
+        steps = ShardReader(shards, batch_size=BATCH, world_size=ranks).batches_per_epoch
+        resized = ratios(ranks // 2, steps // 3)
+    finally:
+        storage.open_stream = real_open
+    return {
+        "ranks": ranks,
+        "read_amplification": max(whole),
+        "mean": sum(whole) / len(whole),
+        "after_resize_to_half_at_a_third": max(resized),
+    }
+
+
 def run_tar(shards: str, parser_name: str) -> dict:
     """One pass over every shard's members, reading the image and label members and stepping over the
     others (what the reader does), with our tar parser (``pipeline.shards.format.tar_members``) or
@@ -250,6 +321,7 @@ def main() -> None:
     contenders = {name: median_run(rs, "pairs_per_s") for name, rs in runs.items()}
     contenders["ours_4x"] = measure_child(run_ours, four)
     contenders["reader"] = measure_child(run_reader, one)
+    amplification = measure_child(run_read_amplification, four)
     tar_runs = {"tar_ours": [], "tar_webdataset": []}
     for r in range(3):  # alternating, on the 4x set (4x the bytes: longer, steadier timings)
         for name in ["tar_ours", "tar_webdataset"] if r % 2 == 0 else ["tar_webdataset", "tar_ours"]:
@@ -287,12 +359,13 @@ def main() -> None:
         "reader_samples_per_s": contenders["reader"]["samples_per_s"],
         "tar_parser_vs_webdataset": contenders["tar_ours"]["members_per_s"]
         / contenders["tar_webdataset"]["members_per_s"],
+        "read_amplification": amplification["read_amplification"],
     }
     print_table([headline], list(headline), title="headline")
     write_results(
         args.out,
         headline,
-        {**contenders, "runs": runs},
+        {**contenders, "runs": runs, "read_amplification": amplification},
         photos=count,
         batch_size=BATCH,
         threads=THREADS,
