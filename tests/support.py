@@ -4,11 +4,10 @@ module; a small training state; the worker loop run in the test's process."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -37,22 +36,11 @@ def run_bounded(
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), timed_out
 
 
-@contextlib.contextmanager
-def local_ray(num_cpus: int = 2) -> Iterator[None]:
-    """A local Ray instance on 127.0.0.1 for a test module (no dashboard, worker logs not forwarded)."""
-    import ray
+def local_ray(num_cpus: int = 2):
+    """A local Ray instance for a test module, started as ``relic train`` starts one (on loopback)."""
+    from cluster.trainer import ray_session
 
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        log_to_driver=False,
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    return ray_session(num_cpus=num_cpus)
 
 
 def tiny_state(cfg):
