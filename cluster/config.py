@@ -30,6 +30,7 @@ the real values.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -274,6 +275,11 @@ class ExperimentConfig:
     """Name, storage and cadences of the run."""
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     """Workers and their resources."""
+    sources: dict[str, str] = Field(default_factory=dict)
+    """Where values of this config come from: a dotted key (``objective.temperature``,
+    ``views.options.num_large``) mapped to ``"verified: <paper, section or table>"`` or
+    ``"assumed: <why this value>"``. Printed with the config; a key set on the command line has its
+    entry replaced by ``"overridden: command line"``."""
 
     @property
     def partitions(self) -> int:
@@ -359,7 +365,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     if not isinstance(raw, dict):
         raise ConfigError(f"expected a mapping of sections at the top level, got {_kind(raw)}", source=source)
     try:
-        return config_from_dict(apply_overrides(raw, overrides, source=source), source=source)
+        return config_from_dict(
+            _overridden_sources(apply_overrides(raw, overrides, source=source), overrides), source=source
+        )
     except ConfigError as error:
         override = _override_behind(error.key, raw, overrides)
         if override is None:
@@ -450,6 +458,7 @@ def validate(cfg: ExperimentConfig, *, source: str | None = None) -> None:
             key="data.partitions",
             source=source,
         )
+    _check_sources(cfg, source)
     try:
         cfg.views.recipe()
     except PresetError as e:
@@ -460,6 +469,67 @@ def validate(cfg: ExperimentConfig, *, source: str | None = None) -> None:
             key="views.dtype",
             source=source,
         )
+
+
+#: How each ``sources`` entry starts.
+SOURCE_KINDS = ("verified:", "assumed:", "overridden:")
+
+
+def _leaf_keys(tree: Any, prefix: str = "") -> set[str]:
+    if isinstance(tree, Mapping) and tree:
+        return set().union(*(_leaf_keys(v, f"{prefix}{k}.") for k, v in tree.items()))
+    return {prefix[:-1]}
+
+
+def _check_sources(cfg: ExperimentConfig, source: str | None) -> None:
+    """Every ``sources`` key names a value of the config (or a view preset option) and says whether
+    it is verified or assumed."""
+    plain = cfg.to_dict(redact=False)
+    plain.pop("sources", None)
+    known = _leaf_keys(plain) | {f"views.options.{name}" for name in PresetOptions.__dataclass_fields__}
+    for key, text in cfg.sources.items():
+        if key not in known:
+            raise ConfigError(
+                "names no value of this config (expected a dotted key such as objective.temperature)",
+                key=f"sources.{key}",
+                source=source,
+            )
+        if not text.startswith(SOURCE_KINDS):
+            raise ConfigError(
+                f"expected a text starting with {' or '.join(SOURCE_KINDS[:2])}, got {text!r}",
+                key=f"sources.{key}",
+                source=source,
+            )
+
+
+def _overridden_sources(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``raw`` with the ``sources`` entry of every key an override set (or set a section above)
+    replaced by ``overridden: command line``: the file's claim no longer describes the value."""
+    sources = raw.get("sources")
+    if not isinstance(sources, dict):
+        return raw
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.startswith("sources."):
+            continue
+        for named in list(sources):
+            if named == key or named.startswith(f"{key}."):
+                sources[named] = "overridden: command line"
+    return raw
+
+
+def describe_recipe(recipe: ViewRecipe) -> str:
+    """The views a recipe makes, one line each, as YAML comments (``--print-config`` prints them under
+    the config, which stays one YAML document that ``load_config`` reads back)."""
+    lines = [
+        f"# views: {recipe.num_large} large + {len(recipe.views) - recipe.num_large} small "
+        f"(views.recipe(); large views masked with probability {getattr(recipe, 'mask_prob', 0.0)})"
+    ]
+    for i, view in enumerate(recipe.views):
+        kind = "large" if i < recipe.num_large else "small"
+        fields = ", ".join(f"{name}={value}" for name, value in dataclasses.asdict(view).items())
+        lines.append(f"#   {i} {kind}: {fields}")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import argparse
 import logging
 import sys
 
-from cluster.config import ConfigError, load_config
+from cluster.config import ConfigError, describe_recipe, load_config
 
 log = logging.getLogger("relic.train")
 
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"relic train: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(cfg.to_yaml(), end="")
+        print(cfg.to_yaml() + describe_recipe(cfg.views.recipe()), end="")
         return 0
 
     from cluster.trainer import fit, git_sha, preflight, ray_session

@@ -71,7 +71,16 @@ class ModelConfig:
     projector_out_dim: PositiveInt = 256
     """Output width of the critic MLP (BYOL: 256)."""
     sync_batchnorm: bool = False
-    """Convert BatchNorm to SyncBatchNorm (statistics over the global batch; needs a process group)."""
+    """Convert BatchNorm to SyncBatchNorm (statistics over the global batch; needs a process group).
+    The ImageNet configs turn it on for GPUs: SyncBatchNorm across workers is BYOL's cross-replica
+    BatchNorm (Grill et al. 2020, arXiv 2006.07733). PyTorch synchronises only on CUDA devices."""
+    batchnorm: Literal["shared", "per_view"] = "shared"
+    """How the views meet BatchNorm. "shared": consecutive views of one size go through encoder and
+    projector as one concatenated batch (statistics over those views together; fewer, larger kernels).
+    "per_view": every view is forwarded on its own, so each view's BatchNorm uses that view's batch
+    statistics only, as BYOL does (Grill et al. 2020, arXiv 2006.07733; the per-view forward, with
+    cross-replica BatchNorm, is an implementation detail of BYOL's released JAX code, not stated in
+    the paper). The EMA target network, a copy of the online one, forwards the same way."""
     channels_last: bool = False
     """Use the channels_last memory format for the encoder and its inputs (faster convolutions on GPU)."""
     bf16: bool = True
@@ -105,6 +114,18 @@ class ObjectiveConfig:
     queue_size: NonNegativeInt = 0
     """Number of earlier target projections kept per large view (MoCo-style FIFO) to extend the
     contrast set beyond the global batch; 0 disables the queue."""
+    pairs: Literal["distinct", "all"] = "distinct"
+    """Which (online view, target view) pairs the loss sums over (``training.loss.relic_loss``).
+    "distinct": every online view against every *other* large target view (ReLIC, DESIGN.md).
+    "all": every online view, large or small, against every large target view including its own, the
+    sum normalised by (L + S) * L: Algorithm 1 of ReLICv2 (Tomasev et al. 2022, arXiv 2201.05119).
+    The invariance term is the mean KL over ordered pairs of distinct elements of either set."""
+    negatives: PositiveInt | None = None
+    """ReLICv2's n_e (Tomasev et al. 2022, arXiv 2201.05119, Algorithm 1): each anchor's softmax runs
+    over its positive and this many negatives drawn uniformly without replacement from the other rows
+    of the contrast set (gathered global batch and queue), one draw per anchor and step shared by all
+    view pairs; at most the contrast set's size minus one (with a queue, the rows filled so far: the
+    first step has only the global batch). None uses every row of the contrast set."""
 
     @field_validator("final_momentum")
     @classmethod

@@ -72,6 +72,8 @@ class TrainState:
     bf16: bool = False
     """bf16 autocast of the forward pass (CUDA only)."""
     grad_clip: float | None = None
+    seed: int = 0
+    """The run's seed (``build_train_state``'s); with the step and rank it seeds the negatives' draw."""
     step: int = 0
     """Optimiser steps taken (global, across epochs)."""
     samples_seen: int = 0
@@ -243,6 +245,7 @@ def build_train_state(
         device=device,
         bf16=model_cfg.bf16,
         grad_clip=optim_cfg.grad_clip,
+        seed=0 if seed is None else seed,
     )
 
 
@@ -253,6 +256,11 @@ def relic_objective(
 
     Returns the loss terms and the gathered targets [Vt, B * world, D] (detached, for the queue).
     With the online network as target the gather carries gradient (``gather_with_grad``).
+    ``state.objective.pairs`` and ``.negatives`` go to ``relic_loss``. The negatives are drawn from a
+    generator seeded by (``state.seed``, step, rank) — a function of the position alone, so a resumed
+    run draws what the uninterrupted one drew, and the ranks draw independently (their global
+    generators are identical: every rank seeds the same weights) — out of the gathered batch plus the
+    queue rows filled so far; while the queue fills, an ``n_e`` above those rows minus one uses them all.
     """
     cfg = state.objective
     local = torch.stack(target, dim=1)  # [B, Vt, D]: one collective for all target views
@@ -276,8 +284,17 @@ def relic_objective(
         offset=distributed.rank() * online[0].shape[0],
         kl_stop_grad=cfg.kl_stop_grad,
         target_normalized=True,
+        pairs=cfg.pairs,
+        negatives=None if cfg.negatives is None else min(cfg.negatives, contrast.shape[1] - 1),
+        generator=None if cfg.negatives is None else _negatives_generator(state, contrast.device),
     )
     return terms, contrast[:, : gathered.shape[1]].detach()
+
+
+def _negatives_generator(state: TrainState, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded by (run seed, step, rank)."""
+    seed = ((state.seed * 1_000_003 + state.step) * 1_000_003 + distributed.rank()) % (1 << 63)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _contrast_buffer(state: TrainState, gathered: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+PairSet = Literal["distinct", "all"]
+PAIR_SETS: tuple[str, ...] = ("distinct", "all")
 
 
 class LossTerms(NamedTuple):
@@ -18,9 +21,52 @@ class LossTerms(NamedTuple):
     invariance: torch.Tensor
 
 
-def view_pairs(num_online: int, num_target: int) -> list[tuple[int, int]]:
-    """The ordered view pairs P = {(o, t) : o != t, t < Vt}, in the order ``relic_loss`` uses them."""
-    return [(o, t) for t in range(num_target) for o in range(num_online) if o != t]
+def view_pairs(num_online: int, num_target: int, pairs: PairSet = "distinct") -> list[tuple[int, int]]:
+    """The ordered view pairs P, t-major (the order ``relic_loss`` uses them).
+
+    ``"distinct"``: P = {(o, t) : o != t, t < Vt} (ReLIC), ``Vt * (Vo - 1)`` pairs.
+    ``"all"``: P = {(o, t) : o < Vo, t < Vt}, every online view against every target view including
+    o = t (ReLICv2's Algorithm 1, Tomasev et al. 2022, arXiv 2201.05119), ``Vo * Vt = (L + S) * L`` pairs.
+    """
+    if pairs == "distinct":
+        return [(o, t) for t in range(num_target) for o in range(num_online) if o != t]
+    if pairs == "all":
+        return [(o, t) for t in range(num_target) for o in range(num_online)]
+    raise ValueError(f"pairs must be one of {', '.join(map(repr, PAIR_SETS))}, got {pairs!r}")
+
+
+def draw_negatives(
+    batch: int,
+    contrast: int,
+    negatives: int,
+    *,
+    offset: int = 0,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """[B, n_e] int64 rows of the contrast set: for anchor i, ``negatives`` rows drawn uniformly without
+    replacement from the ``contrast - 1`` rows other than its positive ``offset + i``.
+
+    Drawn on ``device`` from ``generator`` (default: torch's global generator of that device, which
+    checkpoints save) as the ``negatives`` smallest of ``contrast - 1`` uniform keys per anchor; the
+    positive is skipped by shifting the drawn positions at or after it by one. Cost O(B * M).
+    """
+    _check_negatives(negatives, contrast)
+    if generator is not None:
+        device = generator.device
+    keys = torch.rand(batch, contrast - 1, device=device, generator=generator)
+    drawn = keys.topk(negatives, dim=1, largest=False, sorted=True).indices  # [B, n_e] in [0, M - 1)
+    positive = offset + torch.arange(batch, device=drawn.device)[:, None]
+    return drawn + (drawn >= positive).long()
+
+
+def _check_negatives(negatives: object, contrast: int) -> None:
+    if isinstance(negatives, bool) or not isinstance(negatives, int) or not 1 <= negatives <= contrast - 1:
+        raise ValueError(
+            f"relic_loss: negatives (n_e) must be an integer in [1, M - 1] = [1, {contrast - 1}] "
+            f"(an anchor has M - 1 = {contrast - 1} other rows in the contrast set of M={contrast} rows "
+            f"to draw from without replacement), got negatives={negatives!r}"
+        )
 
 
 def _check_views(name: str, views: Sequence[torch.Tensor], rows: str) -> tuple[int, int]:
@@ -38,6 +84,30 @@ def _check_views(name: str, views: Sequence[torch.Tensor], rows: str) -> tuple[i
     return shape
 
 
+def _check_negative_index(
+    index: torch.Tensor, negatives: int | None, batch: int, contrast: int, offset: int
+) -> None:
+    """Explicit draws (tests, references) are checked in full: shape, range, no positive, no repeats."""
+    if index.dtype != torch.long or index.dim() != 2 or index.shape[0] != batch:
+        raise ValueError(
+            f"relic_loss: negative_index must be an int64 tensor [B, n_e] with B={batch}, "
+            f"got {index.dtype} {list(index.shape)}"
+        )
+    if negatives is not None and index.shape[1] != negatives:
+        raise ValueError(
+            f"relic_loss: negatives={negatives} but negative_index holds {index.shape[1]} per anchor"
+        )
+    _check_negatives(int(index.shape[1]), contrast)
+    if bool(((index < 0) | (index >= contrast)).any()):
+        raise ValueError(f"relic_loss: negative_index must hold rows in [0, M) = [0, {contrast})")
+    positive = offset + torch.arange(batch, device=index.device)[:, None]
+    if bool((index == positive).any()):
+        raise ValueError("relic_loss: negative_index must not hold an anchor's positive row offset + i")
+    ordered = index.sort(dim=1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise ValueError("relic_loss: negative_index must not repeat a row within an anchor's negatives")
+
+
 def relic_loss(
     online: Sequence[torch.Tensor],
     target: Sequence[torch.Tensor],
@@ -47,41 +117,71 @@ def relic_loss(
     offset: int = 0,
     kl_stop_grad: bool = True,
     target_normalized: bool = False,
+    pairs: PairSet = "distinct",
+    negatives: int | None = None,
+    negative_index: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> LossTerms:
     r"""ReLIC loss of Vo online views [B, D] against Vt target views [M, D]; scalar terms, means over anchors.
 
     ReLIC (Mitrovic et al. 2021, arXiv 2010.07922) and ReLICv2 (Tomasev et al. 2022, arXiv 2201.05119).
-    With cosine logits ``logits[o,t] = normalize(online[o]) @ normalize(target[t]).T / temperature``
-    ([B, M]), the instance-prediction distribution of anchor i under the augmentation pair (o, t) is
-    ``p_(o,t)(j | i) = softmax_j(logits[o,t][i])`` and, with P = {(o, t) : o != t, t < Vt}::
+    The online views are the Vt = L large views first, then S small ones (Vo = L + S); the target views
+    are the L large ones. With cosine logits
+    ``logits[o,t] = normalize(online[o]) @ normalize(target[t]).T / temperature`` ([B, M]), the
+    instance-prediction distribution of anchor i under the augmentation pair (o, t) is
+    ``p_(o,t)(j | i) = softmax_{j in C_i}(logits[o,t][i, j])`` over anchor i's candidate rows C_i
+    (all M rows of the contrast set; see ``negatives``). For a pair set P::
 
-        contrastive = mean_{(o,t) in P}  mean_i  -log p_(o,t)(offset + i | i)
-        invariance  = mean_{A != B in P} mean_i  KL( p_A(. | i) || sg[p_B(. | i)] )
+        contrastive = 1/|P| sum_{(o,t) in P}  mean_i  -log p_(o,t)(offset + i | i)
+        invariance  = mean_{A != B in P}  mean_i  KL( p_A(. | i) || sg[p_B(. | i)] )
         total       = contrastive + alpha * invariance
 
-    ``sg`` is stop-gradient when ``kl_stop_grad`` (otherwise gradients flow through both arguments).
-    ``target`` may also be one [Vt, M, D] tensor; ``target_normalized=True`` says its rows are unit
-    vectors already, so the (possibly large, queue-extended) contrast set is used as it is.
-    The invariance term is the paper's sum of KL divergences over pairs of augmentation pairs,
-    averaged instead of summed; it is 0 when |P| = 1. Anchor i's positive is row ``offset + i`` of
-    every target view (``offset`` = this worker's first sample in the gathered contrast set; rows
-    beyond the gathered batch, e.g. a queue, are negatives only).
+    (the invariance mean runs over the |P| (|P| - 1) ordered pairs of distinct elements of P). The
+    pair sets (``pairs``):
 
-    Cost: one batched matmul [Vt, (Vo-1)B, D] x [Vt, D, M]; the invariance over all |P|(|P|-1)
-    ordered pairs is computed from per-pair sums, with no loop over pairs:
+    - ``"distinct"`` (ReLIC, the default): P = {(o, t) : o != t, t < Vt}, |P| = Vt (Vo - 1): no view
+      predicts its own target.
+    - ``"all"`` (ReLICv2's Algorithm 1): P = {(o, t) : o < Vo, t < Vt}, every online large view i
+      against every target large view j *including* i = j, plus every small view against every target
+      large view, |P| = (L + S) L; the contrastive term is the sum over P divided by (L + S) L, as in
+      Algorithm 1. ReLICv2's per-pair loss carries its own KL; here the invariance term keeps the
+      definition above over this larger P.
+
+    ``sg`` is stop-gradient when ``kl_stop_grad`` (otherwise gradients flow through both arguments).
+    The invariance term is the paper's sum of KL divergences over pairs of augmentation pairs, averaged
+    instead of summed; it is 0 when |P| = 1. Anchor i's positive is row ``offset + i`` of every target
+    view (``offset`` = this worker's first sample in the gathered contrast set; rows beyond the
+    gathered batch, e.g. a queue, are negatives only). ``target`` may also be one [Vt, M, D] tensor;
+    ``target_normalized=True`` says its rows are unit vectors already, so the (possibly large,
+    queue-extended) contrast set is used as it is.
+
+    Negative subsampling (ReLICv2's n_e): with ``negatives`` set, C_i = {offset + i} plus ``negatives``
+    rows drawn uniformly without replacement from the M - 1 other rows (gathered batch and queue) —
+    one draw per anchor, shared by every view pair and target view, so the KL terms compare
+    distributions over one candidate set. The draw uses ``generator`` or torch's global generator of
+    the target's device (:func:`draw_negatives`); ``negative_index`` ([B, n_e] int64 rows, checked)
+    replaces the draw, e.g. to give a reference the same candidates. ``negatives`` must lie in
+    [1, M - 1]; M - 1 is every other row, the full softmax in another column order.
+
+    Cost: one batched matmul [Vt, |P|/Vt B, D] x [Vt, D, M] (with negatives, one einsum against the
+    gathered [Vt, B, 1 + n_e, D] candidate rows); the invariance over all |P|(|P|-1) ordered pairs is
+    computed from per-pair sums, with no loop over pairs:
     ``sum_{B != A} log q_B = (sum_B log q_B) - log q_A``.
     """
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"relic_loss: temperature must be a finite number > 0, got {temperature!r}")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"relic_loss: alpha must be a finite number >= 0, got {alpha!r}")
+    if pairs not in PAIR_SETS:
+        raise ValueError(f"relic_loss: pairs must be one of {', '.join(map(repr, PAIR_SETS))}, got {pairs!r}")
     batch, dim = _check_views("online", online, "B")
     contrast, target_dim = _check_views("target", target, "M")
     num_online, num_target = len(online), len(target)
-    if num_online < max(num_target, 2):
+    min_online = 2 if pairs == "distinct" else 1
+    if num_online < max(num_target, min_online):
         raise ValueError(
-            f"relic_loss: need at least 2 online views and at least as many as target views "
-            f"(Vo >= max(Vt, 2)), got Vo={num_online}, Vt={num_target}"
+            f"relic_loss: need at least {min_online} online views and at least as many as target views "
+            f"(Vo >= max(Vt, {min_online}) for pairs={pairs!r}), got Vo={num_online}, Vt={num_target}"
         )
     if target_dim != dim:
         raise ValueError(
@@ -92,20 +192,45 @@ def relic_loss(
             f"relic_loss: offset must be an integer in [0, M - B] = [0, {contrast - batch}] "
             f"(M={contrast} target rows, B={batch} anchors), got {offset!r}"
         )
+    if negative_index is not None:
+        _check_negative_index(negative_index, negatives, batch, contrast, offset)
+    elif negatives is not None:
+        _check_negatives(negatives, contrast)
 
     # 1/temperature is folded into the [Vo, B, D] anchors rather than applied to the [P, B, M] logits.
     anchors = F.normalize(torch.stack(list(online)), dim=-1) / temperature  # [Vo, B, D]
-    pairs = view_pairs(num_online, num_target)  # t-major: Vt blocks of Vo - 1 anchor views
-    anchors = anchors[[o for o, _ in pairs]].view(num_target, (num_online - 1) * batch, dim)
+    pair_list = view_pairs(num_online, num_target, pairs)  # t-major: Vt blocks of per_target anchor views
+    num_pairs = len(pair_list)
+    per_target = num_pairs // num_target
+    if pairs == "distinct":
+        anchors = anchors[[o for o, _ in pair_list]].view(num_target, per_target, batch, dim)
+    else:  # every target view sees every online view: a broadcast view of the [Vo, B, D] anchors
+        anchors = anchors.unsqueeze(0).expand(num_target, num_online, batch, dim)
     targets = target if isinstance(target, torch.Tensor) else torch.stack(list(target))  # [Vt, M, D]
     if not target_normalized:
         targets = F.normalize(targets, dim=-1)
-    logits = torch.bmm(anchors, targets.transpose(1, 2))  # [Vt, (Vo-1) B, M]
-    num_pairs = len(pairs)
-    log_p = torch.log_softmax(logits.view(num_pairs, batch, contrast), dim=-1)
 
-    anchor = torch.arange(batch, device=log_p.device)
-    contrastive = -log_p[:, anchor, anchor + offset].mean()
+    anchor = torch.arange(batch, device=anchors.device)
+    if negatives is None and negative_index is None:
+        # [Vt, per_target B, D] x [Vt, D, M]; reshape copies only for pairs="all" (the broadcast)
+        flat = anchors.reshape(num_target, per_target * batch, dim)
+        logits = torch.bmm(flat, targets.transpose(1, 2))  # [Vt, per_target B, M]
+        positive = anchor + offset
+        candidates = contrast
+    else:
+        if negative_index is None:
+            negative_index = draw_negatives(
+                batch, contrast, negatives, offset=offset, device=targets.device, generator=generator
+            )
+        negative_index = negative_index.to(targets.device)
+        rows = torch.cat([(anchor + offset)[:, None], negative_index], dim=1)  # [B, 1 + n_e], positive first
+        chosen = targets[:, rows]  # [Vt, B, 1 + n_e, D]
+        logits = torch.einsum("tabd,tbkd->tabk", anchors, chosen)  # [Vt, per_target, B, 1 + n_e]
+        positive = torch.zeros_like(anchor)
+        candidates = rows.shape[1]
+    log_p = torch.log_softmax(logits.reshape(num_pairs, batch, candidates), dim=-1)
+
+    contrastive = -log_p[:, anchor, positive].mean()
 
     if num_pairs < 2:
         invariance = log_p.new_zeros(())

@@ -120,23 +120,37 @@ class Projector(nn.Sequential):
 class ReLICModel(nn.Module):
     """Encoder f followed by critic g, applied to a list of views: ``[V x [B,3,H,W]] -> [V x [B, out]]``.
 
-    Consecutive views of the same size go through the networks as one concatenated batch (fewer,
-    larger kernels; BatchNorm statistics over those views together, as one batch of the same size).
-    One call covers every view, so under DDP there is exactly one forward per backward.
+    By default consecutive views of the same size go through the networks as one concatenated batch
+    (fewer, larger kernels; BatchNorm statistics over those views together, as one batch of the same
+    size). With ``per_view_batchnorm`` every view is forwarded on its own, so each view's BatchNorm
+    layers normalise with that view's batch statistics, as BYOL does (Grill et al. 2020, arXiv
+    2006.07733; the per-view forward is a detail of BYOL's released code). In training mode the two
+    differ; in eval mode (running statistics) they agree. One call covers every view, so under DDP
+    there is exactly one forward per backward. ``copy.deepcopy`` (the EMA target) keeps the mode.
     """
 
-    def __init__(self, encoder: nn.Module, projector: nn.Module, *, channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        projector: nn.Module,
+        *,
+        channels_last: bool = False,
+        per_view_batchnorm: bool = False,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.projector = projector
         self.channels_last = channels_last
+        self.per_view_batchnorm = per_view_batchnorm
 
     def forward(self, views: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         outputs: list[torch.Tensor] = []
         start = 0
         while start < len(views):
             stop = start + 1
-            while stop < len(views) and views[stop].shape == views[start].shape:
+            while (
+                not self.per_view_batchnorm and stop < len(views) and views[stop].shape == views[start].shape
+            ):
                 stop += 1
             images = torch.cat(list(views[start:stop])) if stop - start > 1 else views[start]
             if self.channels_last:
@@ -151,7 +165,12 @@ def build_model(cfg: ModelConfig) -> ReLICModel:
     """The online network described by ``cfg`` (SyncBatchNorm conversion is done by the caller's state)."""
     encoder = build_encoder(cfg.arch, cfg.small_stem, cfg.width)
     projector = Projector(encoder.feature_dim, cfg.projector_hidden_dim, cfg.projector_out_dim)
-    model = ReLICModel(encoder, projector, channels_last=cfg.channels_last)
+    model = ReLICModel(
+        encoder,
+        projector,
+        channels_last=cfg.channels_last,
+        per_view_batchnorm=cfg.batchnorm == "per_view",
+    )
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -236,3 +236,25 @@ def test_defaults_and_types():
     assert cfg.scaling.torch_backend == "gloo"
     assert config_from_dict(minimal(scaling={"use_gpu": True})).scaling.torch_backend == "nccl"
     assert cfg.to_dict()["run"]["name"] == "t"
+
+
+def test_sources_name_real_keys_say_verified_or_assumed_and_yield_to_overrides(tmp_path):
+    sources = {
+        "objective.temperature": "assumed: a common value",
+        "views.options.num_small": "verified: somewhere",
+    }
+    cfg = config_from_dict(minimal(sources=sources))
+    assert cfg.sources == sources and "sources" in yaml.safe_load(cfg.to_yaml())
+    with pytest.raises(ConfigError, match=r"sources\.objective\.temprature: names no value"):
+        config_from_dict(minimal(sources={"objective.temprature": "assumed: typo"}))
+    with pytest.raises(ConfigError, match=r"sources\.objective\.temperature: expected a text starting with"):
+        config_from_dict(minimal(sources={"objective.temperature": "0.1 from the paper"}))
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal(sources=sources)))
+    cfg = load_config(path, ["objective.temperature=0.2", "views.options={}"])
+    assert cfg.sources == {
+        "objective.temperature": "overridden: command line",
+        "views.options.num_small": "overridden: command line",
+    }
+    assert load_config(path, ["optim.base_lr=0.3"]).sources == sources

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -111,6 +113,36 @@ def test_model_forward_equals_per_view_forward():
     assert [o.shape for o in outputs] == [(3, 8)] * 3
     for view, out in zip(views, outputs):
         torch.testing.assert_close(out, model.projector(model.encoder(view)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batchnorm", ["shared", "per_view"])
+def test_per_view_batchnorm_forwards_each_view_on_its_own(batchnorm):
+    """Train mode: "per_view" equals one forward per view (each view's own batch statistics);
+    "shared" normalises the two same-size views together, which differs."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        arch="resnet18",
+        small_stem=True,
+        width=0.25,
+        projector_hidden_dim=32,
+        projector_out_dim=8,
+        batchnorm=batchnorm,
+    )
+    model = build_model(cfg).train()
+    assert model.per_view_batchnorm == (batchnorm == "per_view")
+    reference = copy.deepcopy(model)
+    views = [torch.randn(4, 3, 16, 16), 2 * torch.randn(4, 3, 16, 16) + 1, torch.randn(4, 3, 8, 8)]
+    outputs = model(views)
+    separate = [reference.projector(reference.encoder(v)) for v in views]
+    assert [o.shape for o in outputs] == [(4, 8)] * 3
+    if batchnorm == "per_view":
+        for got, want in zip(outputs, separate):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    else:
+        assert not torch.allclose(outputs[0], separate[0], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(outputs[2], separate[2], rtol=1e-5, atol=1e-6)  # a size of its own
+    # the EMA target, a copy of the online network, forwards the same way
+    assert EMATarget(model).network.per_view_batchnorm == model.per_view_batchnorm
 
 
 def test_ema_update_moves_towards_online_and_copies_buffers():

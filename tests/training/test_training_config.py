@@ -16,6 +16,7 @@ def test_defaults_are_the_design_defaults():
     assert (objective.temperature, objective.alpha, objective.base_momentum) == (0.1, 1.0, 0.996)
     assert (objective.target, objective.final_momentum, objective.queue_size) == ("ema", 1.0, 0)
     assert schedule.warmup_epochs == 10
+    assert (objective.pairs, objective.negatives, model.batchnorm) == ("distinct", None, "shared")
 
 
 @pytest.mark.parametrize(
@@ -37,6 +38,9 @@ def test_defaults_are_the_design_defaults():
             "expected >= base_momentum (0.99)",
         ),
         (ObjectiveConfig, dict(queue_size=-1), "queue_size", -1, "greater than or equal to 0"),
+        (ObjectiveConfig, dict(pairs="same"), "pairs", "same", "'distinct' or 'all'"),
+        (ObjectiveConfig, dict(negatives=0), "negatives", 0, "greater than 0"),
+        (ModelConfig, dict(batchnorm="sync"), "batchnorm", "sync", "'shared' or 'per_view'"),
         (
             ScheduleConfig,
             dict(epochs=5, warmup_epochs=6),
