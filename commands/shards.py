@@ -1,10 +1,12 @@
-"""``relic shards build|index|verify|inspect``: the shard utility's command line.
+"""``relic shards build|index|verify|inspect|masks``: the shard utility's command line.
 
     relic shards build ~/data/imagenet/train s3://bucket/imagenet/train --workers 16 --max-side 512 --index
+    relic shards build ~/data/photos runs/photos --masks ~/data/photo-masks
     relic shards build builtin:digits?split=train runs/digits/train --max-samples 256 --index
     relic shards index 's3://bucket/laion/{000000..000099}.tar' --index
     relic shards verify s3://bucket/imagenet/train --decode
     relic shards inspect runs/digits/train
+    relic shards masks runs/digits/train --out runs/digits/train-masked --workers 4
 
 S3 (and other fsspec URLs): ``--endpoint-url`` (or RELIC_S3_ENDPOINT_URL / AWS_ENDPOINT_URL) selects an
 S3-compatible endpoint, ``--profile`` an AWS profile; credentials come from the usual environment,
@@ -40,6 +42,18 @@ else (PNG, WebP, grayscale, CMYK, palette, alpha, progressive JPEG) becomes an R
 --quality (baseline: the GPU hardware JPEG decoder takes no progressive files). Bad inputs are listed
 in the manifest with their reason. Re-running an interrupted build resumes it.
 """
+
+MASKS_HELP = """\
+saliency masks for ReLICv2's background removal (255 = keep, 0 = background). The mask of the input
+at relative path a/b/c.jpg is DIR/a/b/c.png, else DIR/a/b/c.<jpg|jpeg|webp|bmp|gif|tif|tiff> (the
+input's own suffix first); relative to the SOURCE folder, or as a list writes the path (absolute
+paths and URLs in a list, and builtin sources, have no mask path). A mask follows its image as
+displayed (EXIF orientation applied), must have its aspect ratio (within a pixel), and is stored as
+8-bit greyscale PNG {key}.mask.png: RGBA/LA/transparent palette by their alpha when any pixel is not
+opaque, other colour masks by luminance, 1-bit as 0/255, 16-bit scaled by depth (65535 -> 255); a
+mask larger than the stored image (--max-side) is shrunk to its size. Inputs without a mask are stored
+without one and counted; unreadable or misshapen masks are listed in the manifest's rejected inputs
+(the image is kept without a mask)"""
 
 
 def parse_size(text: str) -> int:
@@ -78,7 +92,9 @@ def _progress_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="shards_command", metavar="{build,index,verify,inspect}", required=True)
+    sub = parser.add_subparsers(
+        dest="shards_command", metavar="{build,index,verify,inspect,masks}", required=True
+    )
 
     b = sub.add_parser(
         "build",
@@ -115,6 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     b.add_argument("--digits-size", type=int, default=32, help="builtin:digits side in pixels (default 32)")
     b.add_argument("--photos-count", type=int, default=None, help="builtin:photos crops (default 2000)")
+    b.add_argument("--masks", metavar="DIR", help=MASKS_HELP)
     _storage_args(b)
     _progress_args(b)
 
@@ -151,6 +168,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--keys", type=int, default=5, help="how many first keys to show (default 5)")
     _storage_args(n)
 
+    k = sub.add_parser(
+        "masks",
+        help="compute saliency masks for an existing shard set (in place or into --out)",
+        description=(
+            "Compute a saliency mask for every sample of the shard set SHARDS and write the set with "
+            "{key}.mask.png members added after each image (existing masks replaced, other members "
+            "copied as they are): into --out, or in place. Each shard is published atomically with its "
+            "DALI index file regenerated; manifest.json comes last. Deterministic: the same input gives "
+            "byte-identical output. Images that do not decode are counted and listed in the manifest, "
+            "their samples kept without a mask. Method spectral-residual: Hou & Zhang, CVPR 2007, at "
+            "64 px wide (pipeline/shards/masks.py)."
+        ),
+    )
+    k.add_argument("shards", metavar="SHARDS", help="shard directory or manifest URL (local or s3://...)")
+    k.add_argument("--method", choices=["spectral-residual"], default="spectral-residual")
+    k.add_argument("--out", help="write the masked set here (default: rewrite SHARDS in place)")
+    k.add_argument(
+        "--workers", type=int, default=1, help="shards processed in parallel processes (default 1)"
+    )
+    _storage_args(k)
+    _progress_args(k)
+
 
 def _options(url: str, args: argparse.Namespace) -> dict:
     return storage.storage_options(url, endpoint_url=args.endpoint_url, profile=args.profile)
@@ -162,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.shards.sources import SourceError
 
     try:
-        return {"build": _build, "index": _index, "verify": _verify, "inspect": _inspect}[
+        return {"build": _build, "index": _index, "verify": _verify, "inspect": _inspect, "masks": _masks}[
             args.shards_command
         ](args)
     except (SourceError, BuildError, ShardIndexError, FileNotFoundError, ValueError) as e:
@@ -192,6 +231,10 @@ def _build(args: argparse.Namespace) -> int:
         digits_size=args.digits_size,
         photos_count=args.photos_count,
         split=args.split,
+        masks=args.masks,
+        masks_storage_options=_options(args.masks, args)
+        if args.masks and storage.is_remote(args.masks)
+        else None,
     )
     seconds = time.perf_counter() - start
     print(
@@ -199,6 +242,11 @@ def _build(args: argparse.Namespace) -> int:
         f"{m.url} in {seconds:.1f} s ({m.total_samples / max(seconds, 1e-9):,.0f} samples/s); "
         f"{m.encoding.get('passthrough', 0):,} stored as-is, {m.encoding.get('reencoded', 0):,} re-encoded"
     )
+    if m.masks is not None:
+        print(
+            f"masks: {m.masks['samples']:,} stored, {m.masks['missing']:,} inputs without a mask, "
+            f"{m.masks['rejected']:,} masks rejected (listed below with the inputs)"
+        )
     print(f"rejected {len(m.rejected):,} inputs" + (" (reasons in manifest.json):" if m.rejected else ""))
     for r in m.rejected[:10]:
         print(f"  {r.input}: {r.reason}")
@@ -260,4 +308,28 @@ def _inspect(args: argparse.Namespace) -> int:
     from pipeline.shards.inspect import inspect_shards
 
     print(inspect_shards(args.out, storage_options=_options(args.out, args), keys=args.keys))
+    return 0
+
+
+def _masks(args: argparse.Namespace) -> int:
+    from pipeline.shards.build import add_masks
+
+    start = time.perf_counter()
+    m = add_masks(
+        args.shards,
+        args.out,
+        method=args.method,
+        workers=args.workers,
+        storage_options=_options(args.shards, args),
+        out_storage_options=_options(args.out, args) if args.out else None,
+        progress=args.progress,
+    )
+    seconds = time.perf_counter() - start
+    masks = m.masks or {}
+    print(
+        f"wrote {masks.get('samples', 0):,} masks ({masks.get('method')}) for {m.total_samples:,} samples "
+        f"in {len(m.shards):,} shards to {m.url} in {seconds:.1f} s "
+        f"({m.total_samples / max(seconds, 1e-9):,.0f} images/s); "
+        f"{masks.get('rejected', 0):,} images did not decode, {masks.get('missing', 0):,} samples have no image"
+    )
     return 0

@@ -55,6 +55,14 @@ Bad data never stops the stream and is never silent. Each skipped sample is coun
 A storage error (``OSError``: connection reset, timeout) in the middle of a shard re-opens it, with
 the same backoff, at the first sample not yet handed out. Labels that cannot be parsed (the manifest's
 :class:`~pipeline.shards.format.LabelRule`) are counted as ``bad_label`` and delivered as -1.
+
+Saliency masks (:mod:`pipeline.shards.masks`), when the manifest says the set has them
+(``Manifest.has_masks``): each good sample's ``{key}.mask.png`` member comes with it (``Good.mask``,
+``RawBatch.masks``) when it passes :func:`~pipeline.shards.masks.mask_problem` at the reader's
+``validate`` level, its aspect ratio checked against the image's header size. A bad mask is counted
+as ``bad_mask`` (logged once) and its sample kept without it; a sample without a mask member is
+counted as ``unmasked`` and kept. Neither is a skip reason. A filled slot carries its donor's mask. A
+mask member without an image is a sample without an image (``missing_image``).
 """
 
 from __future__ import annotations
@@ -84,8 +92,9 @@ from pipeline.shards.format import (
     samples,
     tar_members,
 )
-from pipeline.shards.images import image_problem
+from pipeline.shards.images import image_problem, image_size
 from pipeline.shards.manifest import Manifest, load_manifest
+from pipeline.shards.masks import MASK_EXT, mask_problem
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +118,9 @@ class RawBatch:
     """int64 ``[batch_size]``, -1 when unlabelled."""
     keys: list[str]
     """Sample keys (unique within a shard set); a repeated key marks a filled slot."""
+    masks: list[bytes | None] | None = None
+    """Encoded saliency masks (``pipeline.shards.masks``), one per image, None for an image without a
+    usable mask; None altogether when the shard set has no masks."""
 
 
 @dataclass
@@ -118,15 +130,22 @@ class Good:
     key: str
     image: bytes
     label: int
+    mask: bytes | None = None
+    """The sample's encoded saliency mask, when it has a usable one."""
+
+
+KEPT_COUNTERS = ("bad_label", "bad_mask", "unmasked")
+"""Counters of samples delivered despite something: an unparseable label (as -1), a bad mask and no
+mask (without one)."""
 
 
 class Tally:
-    """The reader's counters, shared by its threads: skipped samples per reason, ``bad_label``,
+    """The reader's counters, shared by its threads: skipped samples per reason, ``KEPT_COUNTERS``,
     ``filled`` slots and good ``samples``; each (reason, shard, key) is logged once."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts: dict[str, int] = dict.fromkeys((*SKIP_REASONS, "bad_label", "filled", "samples"), 0)
+        self._counts: dict[str, int] = dict.fromkeys((*SKIP_REASONS, *KEPT_COUNTERS, "filled", "samples"), 0)
         self._logged: set[tuple[str, str, str]] = set()
 
     def count(self, reason: str, shard: str, key: str, detail: str, n: int = 1) -> None:
@@ -142,7 +161,14 @@ class Tally:
             if (reason, shard, key) in self._logged:
                 return
             self._logged.add((reason, shard, key))
-        log.warning("skipping %s: shard %s key %s: %s", reason, shard, key, detail)
+        action = (
+            "skipping "
+            if reason in SKIP_REASONS
+            else "keeping a sample with "
+            if reason in KEPT_COUNTERS
+            else ""
+        )
+        log.warning("%s%s: shard %s key %s: %s", action, reason, shard, key, detail)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -292,8 +318,10 @@ def validated(
     level: bool | str,
     tally: Tally,
 ) -> Iterator[tuple[int, Good | None]]:
-    """Each sample as :class:`Good`, or None when it has no image or the image fails the check."""
+    """Each sample as :class:`Good`, or None when it has no image or the image fails the check; with
+    its mask when the set has masks and the sample a good one (module doc)."""
     rule = manifest.labels
+    masked = manifest.has_masks
     for ordinal, sample in items:
         if sample is None:
             yield ordinal, None
@@ -312,7 +340,17 @@ def validated(
         if label is None:
             tally.count("bad_label", shard, sample.key, f"unparseable or unknown label in .{rule.ext}")
             label = -1
-        yield ordinal, Good(sample.key, sample.parts[ext], label)
+        mask = None
+        if masked:
+            mask = sample.parts.get(MASK_EXT)
+            if mask is None:
+                tally.add("unmasked", 1)
+            else:
+                bad = mask_problem(mask, image_size(sample.parts[ext]) if level else None, level)
+                if bad is not None:
+                    tally.count(bad[0], shard, sample.key, bad[1])
+                    mask = None
+        yield ordinal, Good(sample.key, sample.parts[ext], label, mask)
 
 
 T = TypeVar("T")
@@ -352,9 +390,12 @@ def fill_batch(slots: Sequence[T | None], donors: Sequence[T]) -> tuple[list[T],
     return out, filled
 
 
-def filled(batches: Iterator[list[Good | None]], tally: Tally, describe: str) -> Iterator[RawBatch]:
+def filled(
+    batches: Iterator[list[Good | None]], tally: Tally, describe: str, masks: bool = False
+) -> Iterator[RawBatch]:
     """Rule 6 over a rank's batches in order: fill each batch from its own good samples, a batch
-    without any from the next batch that has some (at the end, from the previous one)."""
+    without any from the next batch that has some (at the end, from the previous one). ``masks``:
+    the set has masks, so each batch carries ``masks`` (a filled slot its donor's)."""
     pending: list[list[Good | None]] = []
     last_goods: list[Good] = []
 
@@ -366,6 +407,7 @@ def filled(batches: Iterator[list[Good | None]], tally: Tally, describe: str) ->
             images=[s.image for s in full],
             labels=np.fromiter((s.label for s in full), dtype=np.int64, count=len(full)),
             keys=[s.key for s in full],
+            masks=[s.mask for s in full] if masks else None,
         )
 
     for slots in batches:
@@ -452,6 +494,7 @@ class ShardReader:
         self._exts = frozenset(
             ({"jpg", "jpeg"} if self.manifest.image_ext in ("jpg", "jpeg") else {self.manifest.image_ext})
             | ({rule.ext} if rule.ext else set())
+            | ({MASK_EXT} if self.manifest.has_masks else set())
         )
 
     def __len__(self) -> int:
@@ -459,8 +502,9 @@ class ShardReader:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Cumulative counters: samples skipped per reason, ``bad_label``, ``filled`` slots, ``samples``
-        (good samples delivered, fills excluded)."""
+        """Cumulative counters: samples skipped per reason, ``bad_label``, ``bad_mask`` and
+        ``unmasked`` (samples delivered without a mask in a set with masks), ``filled`` slots,
+        ``samples`` (good samples delivered, fills excluded)."""
         return self._tally.snapshot()
 
     @property
@@ -502,7 +546,10 @@ class ShardReader:
         count = 0
         try:
             for batch in filled(
-                batches, self._tally, f"rank {self.rank}, epoch {epoch}, from batch {start_batch}"
+                batches,
+                self._tally,
+                f"rank {self.rank}, epoch {epoch}, from batch {start_batch}",
+                self.manifest.has_masks,
             ):
                 count += 1
                 yield batch

@@ -27,10 +27,26 @@ baseline because the hardware JPEG decoder of A100/H100 GPUs (nvJPEG's hardware 
 DALI's ``decoders.image(device="mixed")``) accepts baseline only; progressive ones fall back to the
 slower CUDA/CPU path (NVIDIA nvJPEG docs, "Hardware Decode").
 
-Tar layout: members ``{key}.jpg``, ``{key}.cls`` (decimal class index, when labelled),
-``{key}.json`` (``{"source", "original_size", "label"}``), in that order, USTAR headers with fixed
-metadata (mtime 0, uid/gid 0, mode 0444, no user names) and no record padding, so the same inputs
-give byte-identical shards.
+Tar layout: members ``{key}.jpg``, ``{key}.mask.png`` (with ``masks``, when the input has one),
+``{key}.cls`` (decimal class index, when labelled), ``{key}.json`` (``{"source", "original_size",
+"label"}``), in that order, USTAR headers with fixed metadata (mtime 0, uid/gid 0, mode 0444, no user
+names) and no record padding, so the same inputs give byte-identical shards.
+
+Saliency masks (``masks=DIR``, ``--masks DIR``; :mod:`pipeline.shards.masks`): DIR is listed once
+(:func:`~pipeline.shards.masks.find_masks`); the mask of the input at relative path ``a/b/c.jpg`` is
+``DIR/a/b/c.png``, else ``DIR/a/b/c.<another image suffix>`` (the input's own suffix first). Relative
+path: below the SOURCE folder; for a list, the path as the list writes it when it is relative (inputs
+a list names by absolute path or URL have none: they count as without a mask); built-in sources take
+no ``--masks`` (compute masks with ``relic shards masks``). A mask follows its image *as displayed*
+(EXIF orientation applied) and is converted to 8-bit greyscale
+(:func:`~pipeline.shards.masks.mask_from_file`: alpha of cut-outs, luminance of colour, 16-bit scaled
+by depth); one larger than the stored image (``max_side``) is shrunk to the stored image's size
+(area average), so it stays aligned with the stored pixels. An input without a mask is stored without
+one and counted (``Manifest.masks["missing"]``); a mask that cannot be read or whose aspect ratio is
+not its image's is listed in the manifest's ``rejected`` (its path, and the reason starting with
+``MASK_REJECTED``) and counted (``masks["rejected"]``), its image stored without a mask. The mask
+listing, the masks directory and each input's mask path are part of the chunk digests, so resuming
+stays exact.
 """
 
 from __future__ import annotations
@@ -59,15 +75,20 @@ from PIL import Image, UnidentifiedImageError
 from pipeline import storage
 from pipeline.shards import dali_index, images
 from pipeline.shards import format as shard_format
+from pipeline.shards import masks as shard_masks
 from pipeline.shards.format import TarShardWriter
-from pipeline.shards.manifest import Manifest, Rejected, ShardInfo, save_manifest
-from pipeline.shards.sources import Item, Reader, open_source
+from pipeline.shards.manifest import Manifest, Rejected, ShardInfo, load_manifest, save_manifest
+from pipeline.shards.sources import FileReader, Item, Reader, open_source
 
 RECEIPT_DIR = ".relic-build"
 DEFAULT_MAX_PIXELS = 40_000_000
 """Inputs larger than this are rejected before decoding (``--max-pixels``): 40 megapixels is three
 times the largest ImageNet photo and decodes to 115 MiB of RGB; Pillow itself refuses only twice its
 89.5-megapixel warning limit, at ~500 MiB per image per worker."""
+
+
+MASK_REJECTED = "mask not stored, image kept without it"
+"""How the reason of a rejected mask starts in the manifest's ``rejected`` list."""
 
 
 class BuildError(RuntimeError):
@@ -162,6 +183,10 @@ class Job:
     index: bool
     reader: Reader
     labelled: bool
+    mask_reader: FileReader | None = None
+    """Reads mask files by their path relative to the masks directory; None without ``masks``."""
+    masks_dir: str = ""
+    """The masks directory as the user gave it (credentials removed), for the rejected list."""
 
 
 @dataclass
@@ -170,6 +195,7 @@ class Task:
     items: list[tuple[int, Item]]  # (position in the shuffled order, item)
     plan: str  # digest of the settings and these items
     receipt: dict | None = None  # from an earlier, interrupted run
+    masks: list[str | None] | None = None  # each item's mask path relative to the masks directory
 
 
 @dataclass
@@ -254,6 +280,28 @@ def _reusable(job: Job, task: Task) -> bool:
     return True
 
 
+def prepare_mask(job: Job, rel: str, jpeg: bytes) -> bytes:
+    """The ``mask.png`` member for the stored image ``jpeg`` from the mask file ``rel`` (module doc);
+    raises :class:`RejectedInput` with the reason."""
+    assert job.mask_reader is not None
+    try:
+        raw = job.mask_reader(rel)
+    except FileNotFoundError:
+        raise RejectedInput("mask file not found") from None
+    except OSError as e:
+        raise RejectedInput(f"unreadable mask file: {e.strerror or e}") from None
+    except Exception as e:  # a store's client error: this mask is lost, not the build
+        raise RejectedInput(f"unreadable mask file: {type(e).__name__}: {e}") from None
+    size = images.image_size(jpeg)
+    if size is None:  # our own baseline JPEG: cannot happen
+        raise RejectedInput("the stored image has no readable size")
+    try:
+        mask = shard_masks.mask_from_file(raw, max_pixels=job.max_pixels)
+        return shard_masks.encode_mask(shard_masks.fit_mask(mask, size))
+    except shard_masks.BadMask as e:
+        raise RejectedInput(str(e)) from None
+
+
 def run_chunk(job: Job, task: Task, first_shard: int | None) -> dict:
     """Build one chunk (or reuse it). Publishes its shard itself when ``first_shard`` is known;
     otherwise leaves the parts at temporary paths for the main process to number and publish."""
@@ -264,6 +312,7 @@ def run_chunk(job: Job, task: Task, first_shard: int | None) -> dict:
     parts: list[Part] = []
     rejected: list[list[str]] = []
     stats = {"passthrough": 0, "reencoded": 0}
+    mask_stats = {"samples": 0, "rejected": 0, "missing": 0}
     writer: TarShardWriter | None = None
     fileobj: IO[bytes] | None = None
     counts: dict[int, int] = {}
@@ -282,7 +331,7 @@ def run_chunk(job: Job, task: Task, first_shard: int | None) -> dict:
         writer, fileobj, counts = None, None, {}
 
     try:
-        for position, item in task.items:
+        for n, (position, item) in enumerate(task.items):
             try:
                 raw = job.reader(item.ref)
             except FileNotFoundError:
@@ -308,8 +357,24 @@ def run_chunk(job: Job, task: Task, first_shard: int | None) -> dict:
                 rejected.append([item.input, str(e)])
                 continue
             stats["reencoded" if reencoded else "passthrough"] += 1
+            mask = None
+            if job.mask_reader is not None:
+                rel = task.masks[n] if task.masks is not None else None
+                if rel is None:
+                    mask_stats["missing"] += 1
+                else:
+                    try:
+                        mask = prepare_mask(job, rel, jpeg)
+                        mask_stats["samples"] += 1
+                    except RejectedInput as e:
+                        rejected.append([storage.join(job.masks_dir, rel), f"{MASK_REJECTED}: {e}"])
+                        mask_stats["rejected"] += 1
             members = shard_format.sample_members(
-                jpeg, label=item.label if job.labelled else None, source=item.input, original_size=original
+                jpeg,
+                label=item.label if job.labelled else None,
+                source=item.input,
+                original_size=original,
+                mask=mask,
             )
             size = TarShardWriter.sample_size(members)
             if writer is not None and job.max_bytes is not None and writer.size_with(size) > job.max_bytes:
@@ -342,6 +407,7 @@ def run_chunk(job: Job, task: Task, first_shard: int | None) -> dict:
         "class_counts": [{str(k): v for k, v in p.class_counts.items()} for p in parts],
         "rejected": rejected,
         "stats": stats,
+        "mask_stats": mask_stats,
         "published": first_shard is not None,
         "_parts": [(p.tmp_path, p.idx_text) for p in parts] if first_shard is None else [],
     }
@@ -430,8 +496,13 @@ def build_shards(
     photos_count: int | None = None,
     split: str | None = None,
     source_storage_options: dict[str, Any] | None = None,
+    masks: str | None = None,
+    masks_storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Build shards from SOURCE into OUT (local dir or fsspec URL) and return the saved manifest.
+
+    ``masks``: a directory (local or fsspec URL) of saliency masks for the inputs (module doc), read
+    with ``masks_storage_options`` (default: from its URL, like SOURCE's).
 
     ``progress``: a tqdm bar on stderr; ``None`` shows it when stderr is a terminal. Raises
     :class:`~pipeline.shards.sources.SourceError` for an unusable SOURCE, :class:`BuildError` for an
@@ -465,6 +536,23 @@ def build_shards(
         photos_count=photos_count,
         split=split,
     )
+    mask_dir = None
+    if masks is not None:
+        if src.kind == "builtin":
+            raise BuildError(
+                f"--masks needs a folder or list SOURCE (masks are matched by relative path); {source} "
+                f"is built in: compute masks for it with `relic shards masks`"
+            )
+        if masks_storage_options is not None:
+            mask_options = dict(masks_storage_options)
+        elif storage.is_remote(masks) and storage.protocol(masks) == storage.protocol(source):
+            mask_options = src_options
+        else:
+            mask_options = storage.storage_options(masks)
+        try:
+            mask_dir = shard_masks.find_masks(masks, mask_options)
+        except FileNotFoundError as e:
+            raise BuildError(str(e)) from None
     _check_writable(out, options)
     _clean_stale_tmp(out)
 
@@ -494,14 +582,23 @@ def build_shards(
         index=index,
         reader=src.reader,
         labelled=src.classes is not None,
+        mask_reader=None if mask_dir is None else FileReader(mask_options, mask_dir.base),
+        masks_dir="" if masks is None else _public_source(masks),
     )
-    base = _digest({"encoding": encoding, "classes": src.classes, "index": index, "version": 1})
+    plan_facts: dict[str, Any] = {"encoding": encoding, "classes": src.classes, "index": index, "version": 1}
+    if masks is not None:
+        plan_facts["masks"] = {"dir": _public_source(masks), "version": 1}
+    base = _digest(plan_facts)
     receipts = _load_receipts(out, options)
     tasks = []
     for j, start in enumerate(range(0, len(shuffled), max_samples)):
         chunk_items = shuffled[start : start + max_samples]
-        plan = _digest([base, [(p, it.input, it.label, str(it.ref)) for p, it in chunk_items]])
-        tasks.append(Task(j, chunk_items, plan, receipts.get(j)))
+        chunk_masks = (
+            None if mask_dir is None else [_mask_of(mask_dir, src.kind, it) for _, it in chunk_items]
+        )
+        facts: list[Any] = [(p, it.input, it.label, str(it.ref)) for p, it in chunk_items]
+        plan = _digest([base, facts] if chunk_masks is None else [base, facts, chunk_masks])
+        tasks.append(Task(j, chunk_items, plan, receipts.get(j), chunk_masks))
 
     direct = max_bytes is None  # chunk j is shard j: workers publish themselves
     results = _run_tasks(job, tasks, direct, workers, progress, len(shuffled))
@@ -510,8 +607,11 @@ def build_shards(
     rejected = [Rejected(i, r) for i, r in src.rejected]
     counts: dict[int, int] = {}
     stats = {"passthrough": 0, "reencoded": 0}
+    mask_stats = {"samples": 0, "rejected": 0, "missing": 0}
     for task in tasks:
         r = results[task.chunk]
+        for k in mask_stats:
+            mask_stats[k] += r.get("mask_stats", {}).get(k, 0)
         shards.extend(ShardInfo(**s) for s in r["shards"])
         rejected.extend(Rejected(i, reason) for i, reason in r["rejected"])
         for cc in r["class_counts"]:
@@ -530,6 +630,9 @@ def build_shards(
         encoding={**encoding, **stats},
         source=_public_source(source),
         rejected=rejected,
+        masks=None
+        if masks is None
+        else {"member": shard_masks.MASK_EXT, "method": f"given:{_public_source(masks)}", **mask_stats},
     )
     save_manifest(manifest, out, options)
     try:
@@ -538,6 +641,14 @@ def build_shards(
     except FileNotFoundError:
         pass
     return manifest
+
+
+def _mask_of(mask_dir: shard_masks.MaskDir, kind: str, item: Item) -> str | None:
+    """The mask path (relative to the masks directory) of ``item``, or None (module doc)."""
+    rel = item.input
+    if kind != "folder" and ("://" in rel or os.path.isabs(rel)):
+        return None
+    return mask_dir.lookup(rel.removeprefix("./"))
 
 
 def _run_tasks(
@@ -651,3 +762,227 @@ def _save_receipt(job: Job, r: dict) -> None:
     payload = {k: v for k, v in r.items() if not k.startswith("_") and k != "reused"}
     url = storage.join(job.out, RECEIPT_DIR, f"chunk-{r['chunk']:06d}.json")
     storage.write_atomic(url, json.dumps(payload).encode(), job.options)
+
+
+# ---------------------------------------------------------------- relic shards masks
+
+
+MASK_METHODS = {"spectral-residual": shard_masks.MASK_METHOD_SPECTRAL_RESIDUAL}
+"""``relic shards masks --method`` -> ``Manifest.masks["method"]``."""
+
+
+@dataclass
+class MaskJob:
+    """What every shard task of :func:`add_masks` shares."""
+
+    manifest: Manifest
+    options: dict[str, Any]
+    out: str
+    out_options: dict[str, Any]
+    method: str
+
+
+def saliency_rgb(data: bytes) -> np.ndarray:
+    """The RGB pixels ``add_masks`` computes a mask from: the image as displayed (EXIF orientation
+    applied, :func:`~pipeline.shards.images.to_rgb`); a JPEG decoded at a reduced scale (libjpeg's DCT
+    scaling, ``draft``) that keeps both sides >= 4 x ``SR_WIDTH``, a fraction of a full decode's time
+    for a result that is downscaled to ``SR_WIDTH`` anyway."""
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format == "JPEG":
+            side = 4 * shard_masks.SR_WIDTH
+            img.draft("RGB", (min(img.width, side), min(img.height, side)))
+        img.load()
+        return np.asarray(images.to_rgb(img))
+
+
+def _mask_shard(job: MaskJob, i: int) -> dict:
+    """Rewrite shard ``i`` with a computed mask member after each sample's image (existing mask
+    members dropped, every other member copied as it is); publish it (its index file first)."""
+    info = job.manifest.shards[i]
+    url = job.manifest.shard_url(i)
+    target = storage.join(job.out, info.name)
+    if storage.is_remote(job.out):
+        fd, tmp = tempfile.mkstemp(prefix="relic-masks-", suffix=".tar")
+        os.close(fd)
+    else:
+        tmp = os.path.join(job.out, f".{info.name}.tmp-{uuid.uuid4().hex[:8]}")
+    counts = {"samples": 0, "masked": 0, "bad_image": 0, "no_image": 0}
+    rejected: list[list[str]] = []
+    try:
+        with open(tmp, "wb") as fileobj, storage.open_stream(url, job.options) as stream:
+            writer = TarShardWriter(fileobj)
+            for sample in shard_format.samples(
+                shard_format.tar_members(stream), lambda _o, _e: True, shard=url
+            ):
+                image_ext = shard_format.image_member(sample.parts, job.manifest.image_ext)
+                mask = None
+                if image_ext is None:
+                    counts["no_image"] += 1
+                else:
+                    try:
+                        rgb = saliency_rgb(sample.parts[image_ext])
+                        mask = shard_masks.encode_mask(shard_masks.spectral_residual_mask(rgb))
+                    except Exception as e:  # PIL raises many types for bad data
+                        counts["bad_image"] += 1
+                        rejected.append(
+                            [f"{info.name}:{sample.key}", f"{MASK_REJECTED}: image does not decode: {e}"]
+                        )
+                members: list[tuple[str, bytes]] = []
+                for member, ext in zip(sample.members, sample.exts):
+                    if ext == shard_masks.MASK_EXT:
+                        continue
+                    if not member.was_read:
+                        raise BuildError(
+                            f"{url}: sample {sample.key} has two .{ext} members; cannot rewrite it"
+                        )
+                    members.append((member.name[len(sample.key) + 1 :], member.read()))
+                    if mask is not None and ext == image_ext:
+                        members.append((shard_masks.MASK_EXT, mask))
+                writer.add(sample.key, members)
+                counts["samples"] += 1
+                counts["masked"] += mask is not None
+                _count(1, TarShardWriter.sample_size(members))
+            writer.close()
+        if info.index and writer.samples:
+            idx_text = dali_index.format_dali_index(writer.index)
+            storage.write_atomic(storage.join(job.out, info.index), idx_text.encode(), job.out_options)
+        storage.publish_file(tmp, target, job.out_options)
+    except shard_format.TarFormatError as e:
+        raise BuildError(f"{url} cannot be read: {e}; check it with `relic shards verify`") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _count(0, 0, flush=True)
+    new = ShardInfo(info.name, writer.samples, writer.bytes, writer.sha256.hexdigest(), info.index)
+    return {"shard": dataclasses.asdict(new), "counts": counts, "rejected": rejected}
+
+
+def add_masks(
+    shards: str,
+    out: str | None = None,
+    *,
+    method: str = "spectral-residual",
+    workers: int = 1,
+    storage_options: dict[str, Any] | None = None,
+    out_storage_options: dict[str, Any] | None = None,
+    progress: bool | None = None,
+) -> Manifest:
+    """``relic shards masks``: compute a saliency mask for every sample of the shard set ``shards`` (a
+    directory or manifest URL, local or fsspec) with ``method`` (``MASK_METHODS``) and write the set
+    with the mask members (``{key}.mask.png`` after each image; existing mask members replaced, every
+    other member copied byte for byte, samples in their order) to ``out``, or in place without it.
+
+    Each shard is written to a temporary file and published atomically, its DALI index file (when the
+    manifest lists one) regenerated first; ``manifest.json`` comes last, atomically, with the new
+    sizes and sha256 and ``masks = {"method": "spectral_residual", ...}``. During an in-place run,
+    readers of the set may see old and new shards side by side (each one whole); an interrupted run is
+    finished by running it again (masks are recomputed; the result is the same). The output depends only
+    on the input shards: byte-identical when run twice. Images that do not decode are counted, listed
+    in the manifest's ``rejected`` (reason starting with ``MASK_REJECTED``) and their samples copied
+    without a mask. Plain ``.tar`` shards only. Tar headers are rewritten with the writer's fixed
+    metadata; tar members that are not sample data (no extension, hidden, ``__*__``) are not copied."""
+    if method not in MASK_METHODS:
+        raise ValueError(f"unknown mask method {method!r}; expected one of {sorted(MASK_METHODS)}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    options = dict(storage_options) if storage_options is not None else storage.storage_options(shards)
+    manifest = load_manifest(shards, options)
+    assert manifest.url is not None
+    here = storage.dirname(manifest.url)
+    if out is None:
+        out, out_options = here, options
+    elif out_storage_options is not None:
+        out_options = dict(out_storage_options)
+    elif storage.is_remote(out) and storage.protocol(out) == storage.protocol(shards):
+        out_options = options
+    else:
+        out_options = storage.storage_options(out)
+    compressed = [s.name for s in manifest.shards if not s.name.endswith(".tar")]
+    if compressed:
+        raise BuildError(
+            f"relic shards masks rewrites plain .tar shards only; {compressed[0]} is compressed "
+            f"({len(compressed)} such shards)"
+        )
+    _check_writable(out, out_options)
+    job = MaskJob(manifest, options, out, out_options, MASK_METHODS[method])
+    results = _run_mask_tasks(job, workers, progress)
+
+    totals = {"samples": 0, "masked": 0, "bad_image": 0, "no_image": 0}
+    rejected = [r for r in manifest.rejected if not r.reason.startswith(MASK_REJECTED)]
+    for r in results:
+        for k in totals:
+            totals[k] += r["counts"][k]
+        rejected.extend(Rejected(i, reason) for i, reason in r["rejected"])
+    new = dataclasses.replace(
+        manifest,
+        shards=[ShardInfo(**r["shard"]) for r in results],
+        rejected=rejected,
+        masks={
+            "member": shard_masks.MASK_EXT,
+            "samples": totals["masked"],
+            "method": job.method,
+            "rejected": totals["bad_image"],
+            "missing": totals["no_image"],
+        },
+        url=None,
+    )
+    save_manifest(new, out, out_options)
+    if not storage.is_remote(out):  # the empty folder _check_writable made
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(out, RECEIPT_DIR))
+    return new
+
+
+def _run_mask_tasks(job: MaskJob, workers: int, progress: bool | None) -> list[dict]:
+    """Every shard of ``job`` through :func:`_mask_shard`, ``workers`` processes; results in shard order."""
+    n = len(job.manifest.shards)
+    total = job.manifest.total_samples
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = None
+    results: list[dict | None] = [None] * n
+    start = time.perf_counter()
+
+    def open_bar() -> Any:
+        if not show:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, unit="img", desc="masks", file=sys.stderr)
+
+    try:
+        if workers == 1 or n == 1:
+            _init_worker(None)
+            bar = open_bar()
+            done_bytes = 0
+            for i in range(n):
+                results[i] = r = _mask_shard(job, i)
+                done_bytes += r["shard"]["bytes"]
+                if bar is not None:
+                    bar.update(r["counts"]["samples"])
+                    _postfix(bar, done_bytes, start)
+        else:
+            ctx = _pool_context()
+            counters = (ctx.Value("q", 0), ctx.Value("q", 0))
+            with cf.ProcessPoolExecutor(
+                min(workers, n), mp_context=ctx, initializer=_init_worker, initargs=(counters,)
+            ) as pool:
+                pending = {pool.submit(_mask_shard, job, i): i for i in range(n)}
+                bar = open_bar()
+                try:
+                    while pending:
+                        done, _ = cf.wait(pending, timeout=0.25, return_when=cf.FIRST_COMPLETED)
+                        for fut in done:
+                            results[pending.pop(fut)] = fut.result()
+                        if bar is not None:
+                            bar.n = min(total, counters[0].value)
+                            _postfix(bar, counters[1].value, start)
+                except BaseException:
+                    for fut in pending:
+                        fut.cancel()
+                    raise
+    except BrokenProcessPool as e:
+        raise BuildError(f"a worker process died ({e}); run the same command again") from e
+    finally:
+        if bar is not None:
+            bar.close()
+    return [r for r in results if r is not None]

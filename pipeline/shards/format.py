@@ -20,7 +20,8 @@ extensions are compared in lower case. Names without an extension, hidden files 
 back after another one (``tar cf`` of a directory lists files in directory order) raises
 :class:`NonAdjacentMembers`, naming the shard and the fix.
 
-Our writer (``relic shards build``) stores ``{key}.jpg`` (RGB JPEG), ``{key}.cls`` (decimal class
+Our writer (``relic shards build``) stores ``{key}.jpg`` (RGB JPEG), ``{key}.mask.png`` (its saliency
+mask, when it has one: :mod:`pipeline.shards.masks` owns that member), ``{key}.cls`` (decimal class
 index, when labelled) and ``{key}.json`` (source, original size, label), in that order.
 
 Labels. :class:`LabelRule` says where a sample's class is (``.cls`` text, or a field of ``.json``) and
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from pipeline import storage
+from pipeline.shards.masks import MASK_EXT
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 """Extensions a sample's image may have, in order of preference."""
@@ -425,12 +427,20 @@ def sample_key(position: int) -> str:
 
 
 def sample_members(
-    jpeg: bytes, *, label: int | None, source: str, original_size: tuple[int, int]
+    jpeg: bytes,
+    *,
+    label: int | None,
+    source: str,
+    original_size: tuple[int, int],
+    mask: bytes | None = None,
 ) -> list[tuple[str, bytes]]:
-    """The members of one sample as our writer stores them, in order: ``jpg``, ``cls`` (when
-    labelled), ``json`` (``{"source", "original_size", "label"}``)."""
+    """The members of one sample as our writer stores them, in order: ``jpg``, ``mask.png`` (when
+    given: an encoded mask, :mod:`pipeline.shards.masks`), ``cls`` (when labelled), ``json``
+    (``{"source", "original_size", "label"}``)."""
     meta: dict[str, Any] = {"source": source, "original_size": list(original_size)}
     members = [("jpg", jpeg)]
+    if mask is not None:
+        members.append((MASK_EXT, mask))
     if label is not None:
         members.append(("cls", str(label).encode()))
         meta["label"] = label

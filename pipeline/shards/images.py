@@ -20,6 +20,9 @@ headers (all caught here) and decodes corrupted entropy-coded data with warnings
 harmless for training); about 20 us per image. ``"decode"`` — additionally a full PIL decode
 (:func:`decode_problem`). ``False`` — only empty images are refused.
 
+Header readers: :func:`jpeg_info`, :func:`png_header` and :func:`image_size` (the displayed size of
+any image, EXIF orientation applied: what a saliency mask's aspect ratio is checked against).
+
 Reasons returned (the reader's skip reasons): ``empty_image``, ``wrong_format`` (a valid image of
 another format than the extension says), ``corrupt_image``, ``unsupported_image`` (well-formed but
 not something DALI decodes: 12-bit, lossless or arithmetic-coded JPEG).
@@ -96,6 +99,28 @@ def decode_problem(data: bytes) -> str | None:
     except Exception as e:  # PIL raises many types for bad data
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` of an image *as displayed* (EXIF orientation applied, as DALI's decoder and
+    :func:`to_rgb` apply it), from its headers: JPEG through :func:`jpeg_info`, PNG through
+    :func:`png_header`, anything else through PIL's lazy header read. ``None`` when unreadable."""
+    fmt = sniff_format(data)
+    if fmt == "jpeg":
+        info = jpeg_info(data)
+        if info is not None:
+            turned = info.orientation in (5, 6, 7, 8)
+            return (info.height, info.width) if turned else (info.width, info.height)
+    elif fmt == "png":
+        header = png_header(data)
+        return None if header is None else (header.width, header.height)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except Exception:  # PIL raises many types for bad data
+        return None
+    return (h, w) if turned else (w, h)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,6 +366,32 @@ def _check_sos(
 # PNG, WebP
 
 
+PNG_COLOR_TYPES = {0: "greyscale", 2: "RGB", 3: "palette", 4: "greyscale+alpha", 6: "RGBA"}
+"""PNG IHDR colour types (ISO/IEC 15948, 11.2.2)."""
+
+
+@dataclass(frozen=True)
+class PngHeader:
+    width: int
+    height: int
+    bit_depth: int
+    color_type: int
+    """0 greyscale, 2 RGB, 3 palette, 4 greyscale + alpha, 6 RGBA (``PNG_COLOR_TYPES``)."""
+
+    def describe(self) -> str:
+        kind = PNG_COLOR_TYPES.get(self.color_type, f"colour type {self.color_type}")
+        return f"{self.bit_depth}-bit {kind}"
+
+
+def png_header(data: bytes) -> PngHeader | None:
+    """The IHDR chunk of a PNG (signature, then IHDR first, 13 bytes); ``None`` when absent. The CRCs
+    and the rest of the chunks are :func:`image_problem`'s job."""
+    if len(data) < 33 or not data.startswith(b"\x89PNG\r\n\x1a\n") or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, color = struct.unpack_from(">IIBB", data, 16)
+    return PngHeader(width, height, depth, color)
+
+
 def _check_png(data: bytes) -> None:
     pos, n, first = 8, len(data), True
     while True:
@@ -397,14 +448,18 @@ _EXIF_TRANSPOSE = {  # EXIF 2.3 table 4.6.4 "Orientation", as Pillow's ImageOps.
 }
 
 
+def orient(img: Image.Image, orientation: int) -> Image.Image:
+    """``img`` turned/flipped as its EXIF ``orientation`` (1..8) says it is displayed."""
+    return img.transpose(_EXIF_TRANSPOSE[orientation]) if orientation in _EXIF_TRANSPOSE else img
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB pixels of a decoded image: EXIF orientation applied, high bit depths scaled (not clipped)
     to 8 bits (:func:`to_8bit`), palettes expanded, alpha composited over white."""
     orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         img = Image.fromarray(to_8bit(img), mode="L")  # before the turn: it needs the TIFF tags
-    if orientation in _EXIF_TRANSPOSE:
-        img = img.transpose(_EXIF_TRANSPOSE[orientation])
+    img = orient(img, orientation)
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -467,11 +522,15 @@ def reencode(data: bytes, quality: int = 95) -> bytes:
 __all__ = [
     "BadImage",
     "JpegInfo",
+    "PngHeader",
     "decode_problem",
     "encode_jpeg",
     "image_problem",
+    "image_size",
     "jpeg_info",
     "jpeg_segments",
+    "orient",
+    "png_header",
     "reencode",
     "sample_range",
     "sniff_format",

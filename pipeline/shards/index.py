@@ -8,7 +8,9 @@ size and sha256, which member extension holds the image (the most common of jpg/
 which the label (:class:`~pipeline.shards.format.LabelRule`): ``.cls``, else the first JSON field of
 ``label``/``cls``/``class``/``target`` (or the one named) that every sample has — integer class
 indices, or class names (then ``classes`` lists them sorted). Samples without an image member are
-listed as rejected (the reader skips them).
+listed as rejected (the reader skips them). Samples with a saliency mask member (``{key}.mask.png``,
+:mod:`pipeline.shards.masks`) are counted into ``masks`` (method ``"indexed"``), so that readers use
+them; the masks themselves are checked by ``relic shards verify`` and the reader.
 
 A shard that cannot be read (truncated, not a tar, members of a sample scattered over the file) is
 left out of the manifest and listed among its rejected inputs with the reason; ``strict=True`` makes
@@ -30,6 +32,7 @@ from pipeline import storage
 from pipeline.shards import dali_index
 from pipeline.shards.format import IMAGE_EXTS, LABEL_KEYS, LabelRule, ShardScan, TarFormatError
 from pipeline.shards.manifest import MANIFEST_NAME, Manifest, Rejected, ShardInfo, save_manifest
+from pipeline.shards.masks import MASK_EXT
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 _PLAIN_SUFFIX = ".tar"
@@ -92,6 +95,8 @@ class ShardSummary:
     labels: dict[LabelRule, Counter] = field(default_factory=dict)
     """Per candidate rule that every sample satisfied so far: how often each raw value occurs."""
     no_image: list[str] = field(default_factory=list)
+    masked: int = 0
+    """Samples with a mask member."""
     idx_text: str | None = None
     error: str | None = None
     """Why the shard cannot be used (it is then left out of the manifest)."""
@@ -111,6 +116,7 @@ def scan_shard(
                 summary.no_image.append(sample.key)
             else:
                 summary.image_exts[image] += 1
+                summary.masked += MASK_EXT in sample.exts
             for rule in list(summary.labels):
                 value = rule.raw(sample.parts)
                 if value is None:
@@ -253,6 +259,8 @@ def index_shards(
     rejected = [Rejected(f"{s.url}:{k}", "sample has no image member") for s in good for k in s.no_image]
     rejected += [Rejected(s.url, f"shard left out: {s.error}") for _, s in broken]
     classes = list(rule.classes) if rule.classes else None
+    masked = sum(s.masked for s in good)
+    with_image = sum(image_counts.values())
     manifest = Manifest(
         shards=shards,
         image_ext=image_ext,
@@ -263,6 +271,15 @@ def index_shards(
         encoding={"indexed": True, "image_exts": dict(image_counts)},
         source=url_or_pattern,
         rejected=rejected,
+        masks={
+            "member": MASK_EXT,
+            "samples": masked,
+            "method": "indexed",
+            "rejected": 0,
+            "missing": with_image - masked,
+        }
+        if masked
+        else None,
     )
     save_manifest(manifest, out or manifest_dir, options)
     return manifest

@@ -37,6 +37,8 @@ def summary(manifest: Manifest) -> dict[str, Any]:
         },
         "indexed": all(s.index for s in manifest.shards),
         "rejected": len(manifest.rejected),
+        "masks": int((manifest.masks or {}).get("samples", 0)),
+        "mask_method": (manifest.masks or {}).get("method"),
     }
 
 
@@ -57,6 +59,13 @@ def inspect_shards(url: str, *, storage_options: dict[str, Any] | None = None, k
         (
             "label",
             f".{m.label_ext}" + (f" field {m.label_key!r}" if m.label_key else "") if m.label_ext else "none",
+        ),
+        (
+            "saliency masks",
+            f"{s['masks']:,} samples ({100 * s['masks'] / max(1, s['samples']):.1f}%), "
+            f"method {s['mask_method']}, .{m.masks['member']}"
+            if m.masks is not None
+            else "none",
         ),
         ("rejected inputs", f"{s['rejected']:,}"),
     ]

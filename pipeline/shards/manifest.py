@@ -4,6 +4,11 @@ It lives beside the shards and lists every shard with its sample count, byte siz
 tar member extension holds the image and which the label, the class names, the encoding settings and
 every input that was rejected with its reason. Shard and index names are relative to the manifest's
 directory, so a shard set can be copied between a local disk and a bucket unchanged.
+
+``masks`` says whether samples carry saliency masks (:mod:`pipeline.shards.masks`): ``None`` for a set
+without (and for manifests written before masks existed), else ``{"member": "mask.png", "samples":
+samples with a mask, "method": "given:DIR" | "spectral_residual" | "indexed", "rejected": masks
+refused (their images kept, each listed in ``rejected``), "missing": samples without a mask}``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.shards.format import IMAGE_EXTS, LABEL_EXTS, LabelRule
+from pipeline.shards.masks import MASK_EXT
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -46,6 +52,7 @@ class Manifest:
     encoding: dict[str, Any] = field(default_factory=dict)  # quality, max_side, seed, limits, prefix
     source: str = ""  # what was built from (never contains credentials)
     rejected: list[Rejected] = field(default_factory=list)
+    masks: dict[str, Any] | None = None  # saliency masks (module doc); None: the set has none
     created_by: str = "relic-ssl"
     format_version: int = FORMAT_VERSION
     # Where this manifest was loaded from; not serialised. Shard URLs are resolved against it.
@@ -58,6 +65,8 @@ class Manifest:
             raise ValueError(
                 f"manifest label_ext must be one of {LABEL_EXTS} or null, got {self.label_ext!r}"
             )
+        if self.masks is not None and self.masks.get("member", MASK_EXT) != MASK_EXT:
+            raise ValueError(f"manifest masks.member must be {MASK_EXT!r}, got {self.masks.get('member')!r}")
 
     @property
     def total_samples(self) -> int:
@@ -70,6 +79,11 @@ class Manifest:
     @property
     def has_labels(self) -> bool:
         return self.label_ext is not None
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether samples of this set carry saliency masks (``{key}.mask.png``) for readers to use."""
+        return self.masks is not None and int(self.masks.get("samples", 0)) > 0
 
     @property
     def labels(self) -> LabelRule:

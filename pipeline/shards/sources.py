@@ -98,6 +98,9 @@ class Source:
     reader: Reader
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (input, reason) found while listing
     settings: dict[str, Any] = field(default_factory=dict)  # builtin parameters, recorded in the manifest
+    kind: str = "builtin"
+    """``"folder"`` (item inputs are paths relative to the folder), ``"list"`` (paths as the list
+    writes them) or ``"builtin"``."""
 
 
 class Reader:
@@ -229,7 +232,7 @@ def _folder_source(spec: str, fs: Any, root: str, options: dict[str, Any]) -> So
     if not items:
         left_out = "".join(f"\n  {rel}: {reason}" for rel, reason in rejected[:5])
         raise SourceError(f"SOURCE {spec} holds no files" + (f"; left out:{left_out}" if left_out else ""))
-    return Source(spec, items, classes, FileReader(options, base), rejected)
+    return Source(spec, items, classes, FileReader(options, base), rejected, kind="folder")
 
 
 def _scan_local(
@@ -330,7 +333,7 @@ def _list_source(spec: str, fs: Any, path: str, options: dict[str, Any]) -> Sour
         items.append(Item(p, index_of(lab), ref))
     if not items and not rejected:
         raise SourceError(f"SOURCE list {spec} lists no inputs")
-    return Source(spec, items, classes, FileReader(options), rejected)
+    return Source(spec, items, classes, FileReader(options), rejected, kind="list")
 
 
 # ---------------------------------------------------------------- builtin:digits

@@ -2,8 +2,10 @@
 
 Every listed shard must exist with the recorded byte size and sha256 and hold the recorded number of
 samples, each with an image member (and a valid class index when the set is labelled); listed DALI
-index files must exist and describe the shard exactly. ``decode=True`` also decodes every image with
-PIL. Shards are checked in parallel threads (I/O and hashing release the GIL).
+index files must exist and describe the shard exactly. Every saliency mask member must pass
+:func:`~pipeline.shards.masks.mask_problem` (a PNG, 8-bit greyscale, its image's aspect ratio), and the
+masks of samples with an image must number what the manifest's ``masks["samples"]`` says. ``decode=True`` also decodes every
+image and mask with PIL. Shards are checked in parallel threads (I/O and hashing release the GIL).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Any
 from pipeline import storage
 from pipeline.shards import dali_index
 from pipeline.shards.format import ShardScan, TarFormatError, image_member
-from pipeline.shards.images import decode_problem
+from pipeline.shards.images import decode_problem, image_size
 from pipeline.shards.manifest import Manifest, load_manifest
+from pipeline.shards.masks import MASK_EXT, mask_problem
 
 
 @dataclass(frozen=True)
@@ -29,16 +32,24 @@ class Problem:
 
 
 def verify_shard(
-    manifest: Manifest, i: int, *, decode: bool = False, options: dict[str, Any] | None = None
+    manifest: Manifest,
+    i: int,
+    *,
+    decode: bool = False,
+    options: dict[str, Any] | None = None,
+    masks: list[int] | None = None,
 ) -> list[Problem]:
+    """The problems of shard ``i``; ``masks``, when given, gets the number of its mask members
+    appended."""
     info = manifest.shards[i]
     rule = manifest.labels
     read = {rule.ext} if rule.ext else set()
-    if decode:
-        read |= {"jpg", "jpeg"} if manifest.image_ext in ("jpg", "jpeg") else {manifest.image_ext}
+    # the images too: a mask is checked against its image's size (the scan reads every byte anyway)
+    read |= {"jpg", "jpeg"} if manifest.image_ext in ("jpg", "jpeg") else {manifest.image_ext}
+    read.add(MASK_EXT)
     problems: list[Problem] = []
     scan = ShardScan(manifest.shard_url(i), options, read=read)
-    samples = 0
+    samples = masked = 0
     try:
         for sample in scan:
             samples += 1
@@ -53,6 +64,12 @@ def verify_shard(
                     problems.append(
                         Problem(info.name, f"sample {sample.key}: image does not decode: {problem}")
                     )
+            if MASK_EXT in sample.parts:
+                masked += image is not None  # a mask without its image is no sample's mask
+                size = image_size(sample.parts[image]) if image is not None else None
+                bad = mask_problem(sample.parts[MASK_EXT], size, "decode" if decode else True)
+                if bad is not None:
+                    problems.append(Problem(info.name, f"sample {sample.key}: bad mask: {bad[1]}"))
             if rule.ext and rule.parse(sample.parts) is None:
                 n = len(manifest.classes or [])
                 problems.append(
@@ -73,6 +90,8 @@ def verify_shard(
         problems.append(Problem(info.name, f"sha256 {scan.sha256}, manifest says {info.sha256}"))
     if samples != info.samples:
         problems.append(Problem(info.name, f"{samples} samples, manifest says {info.samples}"))
+    if masks is not None:
+        masks.append(masked)
     if info.index:
         idx_url = storage.join(storage.dirname(manifest.url or ""), info.index)
         try:
@@ -106,9 +125,19 @@ def verify_shards(
                 f"shards hold {manifest.total_samples} samples",
             )
         )
+    mask_counts: list[int] = []
     with cf.ThreadPoolExecutor(max(1, workers)) as pool:
         for found in pool.map(
-            lambda i: verify_shard(manifest, i, decode=decode, options=options), range(len(manifest.shards))
+            lambda i: verify_shard(manifest, i, decode=decode, options=options, masks=mask_counts),
+            range(len(manifest.shards)),
         ):
             problems.extend(found)
+    expected = int((manifest.masks or {}).get("samples", 0))
+    if len(mask_counts) == len(manifest.shards) and sum(mask_counts) != expected:
+        problems.append(
+            Problem(
+                "manifest.json",
+                f"{sum(mask_counts)} samples with an image carry a .{MASK_EXT} member, manifest says {expected}",
+            )
+        )
     return problems
