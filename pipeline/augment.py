@@ -26,11 +26,12 @@ operator call serves the whole batch, the same graph on CPU and GPU:
   511 (coin 0: ``c - x > x`` everywhere, the identity);
 - flip is ``crop_mirror_normalize``'s per-sample ``mirror``.
 
-Pixel type: the crop is uint8 (as decoded); from the colour twist on, the view is float32 on the
-0..255 scale, clamped to [0, 255] right after the twist (where torchvision's uint8 jitter clamps), so
-blur and solarize see exactly the values torchvision's would, without rounding to integers between
-steps, and without the per-value rounding that uint8 outputs of ``color_twist`` and
-``gaussian_blur`` cost on the CPU (libm's scalar ``roundf``). On integer pixels solarize matches torchvision's ``x >= 128``
+Pixel type: the crop is uint8 (as decoded; float32 for the large views of a recipe with masks);
+from the colour twist on, the view is float32 on the 0..255 scale, clamped to [0, 255] right after
+the twist (where torchvision's uint8 jitter clamps), so blur and solarize see exactly the values
+torchvision's would, without rounding to integers between steps, and without the per-value rounding
+that uint8 outputs of ``color_twist`` and ``gaussian_blur`` cost on the CPU (libm's scalar
+``roundf``). On integer pixels solarize matches torchvision's ``x >= 128``
 exactly; on float pixels its threshold is the midpoint 127.5 (BYOL's ``x < 0.5`` on [0, 1]).
 
 Known differences from torchvision's ``ColorJitter`` (documented, tested within tolerance in
@@ -38,8 +39,33 @@ tests/pipeline/test_reference.py): DALI applies the four jitter factors in one f
 (torchvision picks a random order and clamps after each step), and DALI's contrast pivots around mid
 grey 128 where torchvision pivots around the image's mean grey.
 
+Masked large views (ReLICv2, Tomasev et al. 2022, arXiv 2201.05119: large views of the
+background-removed image). With ``ViewRecipe.mask_prob > 0`` the graph takes a second input, one
+encoded saliency mask per image (``pipeline.shards.masks``: 8-bit grey PNG, 255 = keep, any size
+with the image's aspect ratio). The mask is decoded on the CPU, scaled to weights ``m = mask / 255``
+and resized (linear, antialiased when shrinking: Pillow's bilinear; skipped for a mask of the
+image's size) to the image's size as ``fn.peek_image_shape`` reads it from the encoded bytes (on the
+CPU for both devices), moved to the GPU in the GPU graph, and the image is blended once per sample,
+before any crop: ``masked = fill + m (image - fill)`` (float32; DALI broadcasts the HW1 weights over
+the channels). Each large view then starts from the masked image with probability ``mask_prob``,
+from the decoded one otherwise: an independent per-sample coin per view in a DALI conditional that
+only routes the two images, so each view keeps its one crop operator, and the crop and flip cut the
+mask with its image by construction. Small views never use it. With ``mask_prob == 0`` the graph is
+exactly the unmasked one (no mask input, no extra operator, the same random streams).
+
+Cost choices, measured on the CPU (DALI 2.4, one thread, 500 x 375 JPEGs, masks a quarter of that; the whole
+relic recipe costs ~5.5 ms per image: resizing the mask ~0.55 ms, the blend (one multiplication)
+~0.5 ms. Both choices are float32 (the decoded image cast once per sample, ~0.25 ms), because
+rounding the blend to uint8 (DALI's cast rounds with libm) costs ~1.2 ms, more than cropping float
+input (~0.3 ms per crop); routing the images with ``if`` costs nothing measurable, where routing the
+crops (one crop operator per branch) paid ~0.2 ms per view for merging their outputs, and an
+arithmetic select would pay a pass over the full image per view. benchmarks/views.py measures the
+whole: ``mask_cost``. Unlike the reference, the masked image is not rounded to integers (a
+difference below half a grey level, at partially masked pixels only).
+
 ``device="gpu"`` uses the "mixed" decoder (nvJPEG) and the GPU variants of the same operators;
-random parameters are always generated on the CPU (DALI argument inputs live on the CPU).
+random parameters are always generated on the CPU (DALI argument inputs live on the CPU). The device
+changes operator placement only: the graph is the same.
 """
 
 from __future__ import annotations
@@ -93,6 +119,9 @@ PositiveRange = Annotated[tuple[PositiveFloat, PositiveFloat], AfterValidator(_o
 JitterStrengths = tuple[
     NonNegativeFloat, NonNegativeFloat, NonNegativeFloat, Annotated[float, Field(ge=0.0, le=0.5)]
 ]
+_Byte = Annotated[int, Field(ge=0, le=255)]
+#: An 8-bit RGB colour, each channel 0..255.
+Colour = tuple[_Byte, _Byte, _Byte]
 ChannelMeans = tuple[float, float, float]
 ChannelStds = tuple[PositiveFloat, PositiveFloat, PositiveFloat]
 
@@ -138,6 +167,14 @@ class ViewRecipe:
     """Every view of a sample, the large views first."""
     num_large: PositiveInt = 2
     """Number of large views, at most the number of views."""
+    mask_prob: Probability = 0.0
+    """Probability that a large view is cut from the background-removed image (the sample's saliency
+    mask applied before the crop; ReLICv2, Tomasev et al. 2022, arXiv 2201.05119), drawn per sample
+    and per large view; small views never are. 0: masks are not read at all."""
+    mask_fill: Colour = (0, 0, 0)
+    """The background colour of masked images, 0..255 RGB: ``fill + m (image - fill)`` with
+    ``m = mask / 255``. Black is our choice until the paper's fill is confirmed (a mean-grey fill,
+    e.g. (124, 116, 104), would normalise to ~0 instead)."""
 
     @field_validator("num_large")
     @classmethod
@@ -185,17 +222,32 @@ class PresetOptions:
     """Overrides of a :func:`preset`; an option left at None keeps the preset's value.
 
     Every :class:`ViewSpec` field but ``size`` is an option too, applied to every view when given one
-    value, or per view when given a list with one value per view (e.g. ``blur_p=[1.0, 0.5]``).
+    value, or per view when given a list with one value per view (e.g. ``blur_p=[1.0, 0.5]``), after
+    the group options (``size``/``large_scale`` for the large views, ``small_size``/``small_scale``
+    for the small crops).
     """
 
+    num_large: Annotated[int, Field(ge=2)] | None = None
+    """Number L of large (target) views, >= 2 (default 2): the first L views, built by the preset's
+    rule (BYOL's two views alternating, see :func:`preset`)."""
     num_small: NonNegativeInt | None = None
-    """Number of small crops of ``relicv2`` (default 4); the other presets have none (0 only)."""
+    """Number S of small crops after the large views: ``relicv2`` only (default 4); ``relic`` and
+    ``demo`` are the two-large-view recipes and accept only 0."""
     size: PositiveInt | None = None
     """Side of the large views in pixels (relic, relicv2: 224; demo: 32)."""
     small_size: PositiveInt | None = None
     """Side of ``relicv2``'s small crops in pixels (default 96); the other presets ignore it."""
-    num_large: PositiveInt | None = None
-    """Number of large (target) views, the first ones (default 2)."""
+    large_scale: CropScale | None = None
+    """Crop area range of the large views (relic: (0.08, 1); relicv2: (0.14, 1); demo: (0.4, 1));
+    ``scale``, when given, overrides it."""
+    small_scale: CropScale | None = None
+    """Crop area range of ``relicv2``'s small crops (default (0.05, 0.14)); the other presets ignore it;
+    ``scale``, when given, overrides it."""
+    mask_prob: Probability | None = None
+    """:attr:`ViewRecipe.mask_prob`: probability that a large view is cut from the background-removed
+    image (default 0 for every preset: masks off)."""
+    mask_fill: Colour | None = None
+    """:attr:`ViewRecipe.mask_fill`: the background colour of masked images (default black)."""
     scale: SequenceOrPerView[CropScale] | None = None
     """:attr:`ViewSpec.scale`."""
     ratio: SequenceOrPerView[PositiveRange] | None = None
@@ -246,51 +298,92 @@ def _byol_pair(size: int, scale: tuple[float, float] = (0.08, 1.0)) -> list[View
     ]
 
 
-def _preset_views(name: str, options: PresetOptions) -> list[ViewSpec]:
+def large_views(num_large: int, size: int, scale: tuple[float, float]) -> list[ViewSpec]:
+    """``num_large`` large views by our generalisation of BYOL's asymmetric pair: view ``i`` gets
+    BYOL's view 1 settings (blur 1.0, solarize 0.0) for even ``i`` and view 2's (blur 0.1, solarize
+    0.2) for odd ``i``; two views are exactly BYOL's pair."""
+    pair = _byol_pair(size, scale)
+    return [pair[i % 2] for i in range(num_large)]
+
+
+#: Each preset's defaults: large-view side and crop scale, small-crop count, side and scale.
+_PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "relic": {"size": 224, "large_scale": (0.08, 1.0), "num_small": 0},
+    "relicv2": {
+        "size": 224,
+        "large_scale": (0.14, 1.0),
+        "num_small": 4,
+        "small_size": 96,
+        "small_scale": (0.05, 0.14),
+    },
+    "demo": {"size": 32, "large_scale": (0.4, 1.0), "num_small": 0},
+}
+
+
+def _preset_views(name: str, options: PresetOptions, num_large: int) -> list[ViewSpec]:
     if name not in PRESETS:
         expected = ", ".join(repr(p) for p in PRESETS)
         raise ValueError(f"unknown view preset {name!r}: expected one of {expected}")
-    if name == "relicv2":
-        small = ViewSpec(size=options.small_size or 96, scale=(0.05, 0.14), blur_p=0.5, solarize_p=0.0)
-        num_small = 4 if options.num_small is None else options.num_small
-        return _byol_pair(options.size or 224, scale=(0.14, 1.0)) + [small] * num_small
-    if options.num_small:
+    defaults = _PRESET_DEFAULTS[name]
+
+    def option(key: str) -> Any:
+        value = getattr(options, key)
+        return defaults[key] if value is None else value
+
+    if name != "relicv2" and options.num_small:
         raise PresetError(
             f"preset {name!r}: num_small is a relicv2 option, got num_small={options.num_small}",
             option="num_small",
         )
-    if name == "relic":
-        return _byol_pair(options.size or 224)
-    return [
-        dataclasses.replace(v, scale=(0.4, 1.0), flip_p=0.0, blur_sigma=(0.1, 1.0))
-        for v in _byol_pair(options.size or 32)
-    ]
+    large = large_views(num_large, option("size"), option("large_scale"))
+    if name == "demo":
+        large = [dataclasses.replace(v, flip_p=0.0, blur_sigma=(0.1, 1.0)) for v in large]
+    if name != "relicv2":
+        return large
+    small = ViewSpec(size=option("small_size"), scale=option("small_scale"), blur_p=0.5, solarize_p=0.0)
+    return large + [small] * option("num_small")
 
 
 def preset(name: str, options: PresetOptions | None = None, **overrides: Any) -> ViewRecipe:
     """A named recipe, changed by ``options`` or, equivalently, by keyword ``overrides`` (the fields of
     :class:`PresetOptions`: ``preset("relic", size=64)`` is ``preset("relic", PresetOptions(size=64))``).
 
+    Every preset builds ``num_large`` = L >= 2 large views (default 2) of side ``size`` and crop area
+    ``large_scale``, then S = ``num_small`` small crops (relicv2 only). Large views follow BYOL's
+    asymmetric pair (Grill et al. 2020, arXiv 2006.07733, Table 6; view 1: blur 1.0, solarize 0.0;
+    view 2: blur 0.1, solarize 0.2) *alternating*: large view ``i`` gets view 1's settings for even
+    ``i`` and view 2's for odd ``i`` (:func:`large_views`). With L = 2 that is BYOL's pair; for L > 2
+    the rule is our generalisation, not the papers'. ``mask_prob``/``mask_fill`` go to the recipe
+    (every preset: masks off by default; ReLICv2's value is to be confirmed from the paper).
+
     - ``relic``: two 224 views with BYOL's asymmetric augmentation (ReLIC, Mitrovic et al. 2021,
       arXiv 2010.07922, uses BYOL's augmentations; Grill et al. 2020, Table 6).
-    - ``relicv2``: ``relic``'s two large views plus ``num_small`` (default 4) 96x96 crops. ReLICv2
-      (Tomasev et al. 2022, arXiv 2201.05119) takes its multi-crop views from SwAV (Caron et al. 2020,
-      arXiv 2006.09882, multi-crop: large crops area (0.14, 1), small crops (0.05, 0.14)); those are
-      the scales used here (SwAV's values; ReLICv2's appendix could not be checked offline when this
-      was written). Small crops get the symmetric part of the BYOL recipe with SwAV's blur p = 0.5
-      and no solarize. The number of small crops is a tunable, not a claim.
+    - ``relicv2``: ``relic``'s large views plus ``num_small`` (default 4, to be confirmed from the
+      paper) 96x96 crops. ReLICv2 (Tomasev et al. 2022, arXiv 2201.05119) takes its multi-crop views
+      from SwAV (Caron et al. 2020, arXiv 2006.09882, multi-crop: large crops area (0.14, 1), small
+      crops (0.05, 0.14)); those are the default scales here (SwAV's values; ReLICv2's appendix could
+      not be checked offline when this was written). Small crops get the symmetric part of the BYOL
+      recipe with SwAV's blur p = 0.5 and no solarize. The number of small crops is a tunable.
     - ``demo``: two 32x32 views for the CPU demo on digits: crops keep at least 40% of the area, no
       flip (digits are not mirror symmetric), blur sigma scaled to the small image.
 
-    Raises ``ValueError`` for an unknown preset, ``pydantic.ValidationError`` for a bad override and
-    :class:`PresetError` for options that do not fit the preset (``num_small`` outside relicv2, a
-    per-view list whose length is not the number of views, more large views than views).
+    Small crops are relicv2's alone (``num_small`` > 0 elsewhere is refused): ``relic`` and ``demo``
+    are the two-view recipes, and relic with small crops is relicv2 with relic's large crop scale,
+    ``preset("relicv2", large_scale=(0.08, 1.0))``.
+
+    Option order: the group options (``size``, ``large_scale``; ``small_size``, ``small_scale``)
+    build the views, then every per-view option (``scale``, ``blur_p``, ...) applies on top.
+
+    Raises ``ValueError`` for an unknown preset, ``pydantic.ValidationError`` for a bad override
+    (``num_large`` < 2 among them) and :class:`PresetError` for options that do not fit the preset
+    (``num_small`` outside relicv2, a per-view list whose length is not the number of views).
     """
     if options is None:
         options = PresetOptions(**overrides)
     elif overrides:
         raise TypeError("preset: give options or keyword overrides, not both")
-    views = _preset_views(name, options)
+    num_large = 2 if options.num_large is None else options.num_large
+    views = _preset_views(name, options, num_large)
     changes: list[dict[str, Any]] = [{} for _ in views]
     for option in _VIEW_OPTIONS:
         value = getattr(options, option)
@@ -304,14 +397,15 @@ def preset(name: str, options: PresetOptions | None = None, **overrides: Any) ->
             )
         for change, v in zip(changes, values):
             change[option] = v
-    num_large = 2 if options.num_large is None else options.num_large
-    if num_large > len(views):
-        raise PresetError(
-            f"preset {name!r}: num_large={num_large}, expected at most {len(views)} (the number of views)",
-            option="num_large",
-        )
+    masks: dict[str, Any] = {}
+    if options.mask_prob is not None:
+        masks["mask_prob"] = options.mask_prob
+    if options.mask_fill is not None:
+        masks["mask_fill"] = options.mask_fill
     return ViewRecipe(
-        views=[dataclasses.replace(v, **change) for v, change in zip(views, changes)], num_large=num_large
+        views=[dataclasses.replace(v, **change) for v, change in zip(views, changes)],
+        num_large=num_large,
+        **masks,
     )
 
 
@@ -394,11 +488,11 @@ def _solarize(images, spec: ViewSpec):
     return dmath.min(images, c - images)
 
 
-def _view(decoded, spec: ViewSpec, dtype, layout: str):
+def _view(images, spec: ViewSpec, dtype, layout: str):
     import nvidia.dali.fn as fn
 
     x = fn.random_resized_crop(
-        decoded,
+        images,
         size=[spec.size, spec.size],
         random_area=list(spec.scale),
         random_aspect_ratio=list(spec.ratio),
@@ -417,9 +511,71 @@ def _view(decoded, spec: ViewSpec, dtype, layout: str):
     )
 
 
-def views_graph(encoded, recipe: ViewRecipe, *, device: str = "cpu", fp16: bool = False, layout: str = "CHW"):
-    """Inside a DALI pipeline definition: decode ``encoded`` (a DataNode of JPEG bytes) once and return
-    one DataNode per view (float32, or float16 with ``fp16``; ``layout`` CHW or HWC)."""
+def _mask_weights(encoded, masks):
+    """Per sample, the mask as float32 weights in [0, 1], ``[H, W, 1]`` at the image's size (read
+    from the encoded image's header; on the CPU). A mask of the image's size is only scaled; any
+    other is resized linearly (antialiased when shrinking: Pillow's bilinear), after the scaling at
+    its own size (resizing is linear: the order does not matter). Why two branches: DALI's CPU
+    linear resize of a mask to its own size costs more than an upscale from a quarter of it."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    size = fn.peek_image_shape(encoded, dtype=types.INT32)[0:2]  # [H, W]
+    own = fn.peek_image_shape(masks, dtype=types.INT32)[0:2]
+    weights = fn.decoders.image(masks, device="cpu", output_type=types.GRAY) * (1.0 / 255.0)
+    if (own[0] == size[0]) & (own[1] == size[1]):
+        m = weights
+    else:
+        m = fn.resize(weights, size=fn.cast(size, dtype=types.FLOAT), interp_type=types.INTERP_LINEAR)
+    return m
+
+
+def _remove_background(decoded, encoded, masks, fill: tuple[int, int, int], device: str):
+    """The background-removed image, float32 HWC on the 0..255 scale: ``fill + m (decoded - fill)``
+    with ``m`` the mask weights (:func:`_mask_weights`), made on the CPU and moved to the GPU in the
+    GPU graph. DALI broadcasts the HW1 weights over the channels. A black fill is one multiplication;
+    another colour costs two more passes over the image."""
+    import numpy as np
+    import nvidia.dali.types as types
+
+    m = _mask_weights(encoded, masks)
+    if device == "gpu":
+        m = m.gpu()
+    if not any(fill):
+        return decoded * m
+    colour = float(fill[0]) if len(set(fill)) == 1 else types.Constant(np.asarray(fill, np.float32))
+    return colour + (decoded - colour) * m
+
+
+def _either(masked, unmasked, p: float):
+    """Per sample: ``masked`` with probability ``p``, else ``unmasked``. A DALI conditional that only
+    routes the two images (the batch is split and merged by reference: no pixel is copied), so that
+    the view's one crop operator cuts each sample from the image it drew."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    if fn.random.coin_flip(probability=p, dtype=types.BOOL):
+        image = masked
+    else:
+        image = unmasked
+    return image
+
+
+def views_graph(
+    encoded,
+    recipe: ViewRecipe,
+    masks=None,
+    *,
+    device: str = "cpu",
+    fp16: bool = False,
+    layout: str = "CHW",
+):
+    """Inside a DALI pipeline definition: decode ``encoded`` (a DataNode of encoded images) once and
+    return one DataNode per view (float32, or float16 with ``fp16``; ``layout`` CHW or HWC).
+
+    ``masks``: a DataNode of encoded saliency masks (one per image, on the CPU), needed when
+    ``recipe.mask_prob > 0`` and unused otherwise. ``device`` only places the operators ("mixed"
+    decoder and "gpu" operators, or all "cpu"): the graph is the same."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
@@ -429,7 +585,20 @@ def views_graph(encoded, recipe: ViewRecipe, *, device: str = "cpu", fp16: bool 
         raise ValueError(f"layout: expected 'CHW' or 'HWC', got {layout!r}")
     decoded = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
     dtype = types.FLOAT16 if fp16 else types.FLOAT
-    return [_view(decoded, spec, dtype, layout) for spec in recipe.views]
+    sources = [decoded] * len(recipe.views)
+    if recipe.mask_prob > 0:
+        if masks is None:
+            raise ValueError("views_graph: recipe.mask_prob > 0 needs masks= (a DataNode of encoded masks)")
+        masked = _remove_background(decoded, encoded, masks, recipe.mask_fill, device)
+        if recipe.mask_prob >= 1:
+            sources[: recipe.num_large] = [masked] * recipe.num_large
+        else:
+            # Both choices float32, so that one crop operator per view takes either.
+            unmasked = fn.cast(decoded, dtype=types.FLOAT)
+            sources[: recipe.num_large] = [
+                _either(masked, unmasked, recipe.mask_prob) for _ in range(recipe.num_large)
+            ]
+    return [_view(source, spec, dtype, layout) for source, spec in zip(sources, recipe.views)]
 
 
 def build_pipeline(
@@ -441,7 +610,7 @@ def build_pipeline(
     seed: int = 0,
     device_id: int | None = None,
     source: Callable | Any = None,
-    inputs: Callable[[], tuple[Any, Any]] | None = None,
+    inputs: Callable[[], tuple[Any, ...]] | None = None,
     prefetch_queue_depth: int = 2,
     fp16: bool = False,
     layout: str = "CHW",
@@ -451,7 +620,10 @@ def build_pipeline(
     The encoded images and labels come either from ``source`` (a callable or iterator giving
     ``(list of uint8 arrays, int64 array [B])`` per batch, fed through ``fn.external_source``) or from
     ``inputs`` (a function called inside the pipeline definition returning ``(encoded, labels)``
-    DataNodes, e.g. from ``fn.readers.webdataset``). ``device="cpu"`` needs ``device_id=None``.
+    DataNodes, e.g. from ``fn.readers.webdataset``). When ``recipe.mask_prob > 0`` each batch carries a
+    third item, the encoded masks (a list of uint8 arrays, one per image; ``pipeline.shards.masks``,
+    ``FULL_MASK`` for an image without one): ``(images, labels, masks)`` from ``source``,
+    ``(encoded, labels, masks)`` from ``inputs``. ``device="cpu"`` needs ``device_id=None``.
 
     On the CPU the outputs of ``pipe.run()`` are DALI's own buffers, reused by a later run: copy
     them before running the pipeline again (see the executor note below).
@@ -464,16 +636,24 @@ def build_pipeline(
         raise ValueError("build_pipeline: give exactly one of source= (external source) or inputs=")
     if device == "gpu" and device_id is None:
         raise ValueError("build_pipeline: device='gpu' needs a device_id")
+    with_masks = recipe.mask_prob > 0
 
-    @pipeline_def(enable_conditionals=True)  # per-sample `if` on DataNodes (see _blur)
+    @pipeline_def(enable_conditionals=True)  # per-sample `if` on DataNodes (see _blur, _either)
     def graph():
         if source is not None:
-            encoded, labels = fn.external_source(
-                source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64]
-            )
+            dtypes = [types.UINT8, types.INT64] + [types.UINT8] * with_masks
+            fed = fn.external_source(source=source, num_outputs=len(dtypes), batch=True, dtype=dtypes)
         else:
-            encoded, labels = inputs()
-        views = views_graph(encoded, recipe, device=device, fp16=fp16, layout=layout)
+            fed = inputs()
+        if len(fed) != 2 + with_masks:
+            raise ValueError(
+                f"build_pipeline: expected {'(images, labels, masks)' if with_masks else '(images, labels)'} "
+                f"from the {'source' if source is not None else 'inputs'}, got {len(fed)} items"
+            )
+        encoded, labels, *masks = fed
+        views = views_graph(
+            encoded, recipe, masks[0] if masks else None, device=device, fp16=fp16, layout=layout
+        )
         return (*views, labels)
 
     return graph(
@@ -510,6 +690,7 @@ __all__ = [
     "ViewSpec",
     "build_pipeline",
     "derive_seed",
+    "large_views",
     "preset",
     "views_graph",
 ]

@@ -25,6 +25,12 @@ batches that were in flight with PIL, fills the slot of each undecodable sample 
 of the same batch (``pipeline.reader.fill_batch``; the batch size is fixed: training gathers equal
 shapes), counts it in
 ``stats["decode_fallback"]`` and logs its key once, then re-feeds those batches.
+
+Masks: with a recipe whose ``mask_prob > 0`` the loader feeds DALI each sample's encoded saliency
+mask beside its image (``RawBatch.masks``; ``pipeline.shards.masks.FULL_MASK``, "keep everything",
+for a sample without one, and for every sample of a set without masks, which it logs once). A
+filled slot takes its donor's mask with its image; a mask that cannot be decoded is replaced by
+``FULL_MASK`` (its sample's views are then unmasked), counted in ``stats["mask_fallback"]``.
 """
 
 from __future__ import annotations
@@ -82,16 +88,28 @@ class ViewBatch:
 
 
 class _Batch:
-    """A raw batch as DALI's external source takes it: uint8 arrays (no copy of the bytes)."""
+    """A raw batch as DALI's external source takes it: uint8 arrays (no copy of the bytes); ``masks``
+    (one encoded mask per image) only when the recipe uses masks."""
 
-    __slots__ = ("arrays", "keys", "labels")
+    __slots__ = ("arrays", "keys", "labels", "masks")
 
-    def __init__(self, images: list[bytes], labels: Any, keys: list[str]) -> None:
+    def __init__(
+        self, images: list[bytes], labels: Any, keys: list[str], masks: list[bytes] | None = None
+    ) -> None:
         self.arrays = [np.frombuffer(b, dtype=np.uint8) for b in images]
         self.labels = np.asarray(labels, dtype=np.int64).reshape(len(images))
         self.keys = list(keys)
         if len(self.keys) != len(self.arrays):
             raise ValueError(f"raw batch: {len(self.arrays)} images but {len(self.keys)} keys")
+        self.masks = None if masks is None else [np.frombuffer(m, dtype=np.uint8) for m in masks]
+        if self.masks is not None and len(self.masks) != len(self.arrays):
+            raise ValueError(f"raw batch: {len(self.arrays)} images but {len(self.masks)} masks")
+
+    def feed(self) -> tuple:
+        """What the pipeline's external source takes: ``(images, labels[, masks])``."""
+        if self.masks is None:
+            return self.arrays, self.labels
+        return self.arrays, self.labels, self.masks
 
 
 class _Lane:
@@ -108,7 +126,7 @@ class _Lane:
     def source(self):
         batch = self.replay.popleft() if self.replay else self.segment.deal(self)
         self.inflight.append(batch)
-        return batch.arrays, batch.labels
+        return batch.feed()
 
     def seed(self, *extra: int) -> int:
         loader, segment = self.segment.loader, self.segment
@@ -127,7 +145,9 @@ class _Segment:
         self.loader, self.key = loader, (epoch, start_batch)
         raw = loader.reader.epoch(epoch, start_batch)
         self.feeder = Prefetcher(
-            (_Batch(b.images, b.labels, b.keys) for b in raw), loader.prefetch, "ViewLoader-feeder"
+            (_Batch(b.images, b.labels, b.keys, loader._masks(b)) for b in raw),
+            loader.prefetch,
+            "ViewLoader-feeder",
         )
         self.lanes = [_Lane(self, k) for k in range(loader.num_pipelines)]
         self.batch_size = 0
@@ -334,6 +354,7 @@ class ViewLoader:
         self.timeout = float(timeout)
         self.max_attempts = int(max_attempts)
         self._counters: collections.Counter = collections.Counter()
+        self._told_no_masks = False
         self._next: tuple[int, int] | None = None
         self._prepared: _Segment | None = None
 
@@ -343,7 +364,8 @@ class ViewLoader:
     @property
     def stats(self) -> dict[str, int]:
         """The reader's counters plus this loader's: ``decode_fallback`` (samples DALI could not
-        decode, replaced) and ``pipeline_rebuilds``."""
+        decode, replaced), ``mask_fallback`` (undecodable masks, replaced by ``FULL_MASK``) and
+        ``pipeline_rebuilds``."""
         out: dict[str, int] = {}
         reader_stats = getattr(self.reader, "stats", None)
         if isinstance(reader_stats, Mapping):
@@ -351,11 +373,31 @@ class ViewLoader:
         elif reader_stats is not None:
             as_dict = getattr(reader_stats, "as_dict", None) or getattr(reader_stats, "to_dict", None)
             out.update(as_dict() if as_dict else vars(reader_stats))
-        for k in ("decode_fallback", "pipeline_rebuilds"):
+        for k in ("decode_fallback", "mask_fallback", "pipeline_rebuilds"):
             out[k] = out.get(k, 0) + self._counters[k]
         return out
 
     # --------------------------------------------------------------------------------------------
+
+    def _masks(self, raw: Any) -> list[bytes] | None:
+        """The encoded masks DALI takes for ``raw`` (a ``RawBatch``): None when the recipe uses none;
+        else ``raw.masks`` with ``FULL_MASK`` for each sample without one, or for every sample when
+        the set has no masks (logged once)."""
+        if self.recipe.mask_prob <= 0:
+            return None
+        from pipeline.shards.masks import FULL_MASK
+
+        masks = getattr(raw, "masks", None)
+        if masks is None:
+            if not self._told_no_masks:
+                self._told_no_masks = True
+                log.warning(
+                    "ViewLoader: the recipe masks large views (mask_prob=%s) but the shard set has no "
+                    "masks: every view is unmasked",
+                    self.recipe.mask_prob,
+                )
+            return [FULL_MASK] * len(raw.images)
+        return [FULL_MASK if m is None else m for m in masks]
 
     def _dali_device(self) -> tuple[str, int | None]:
         if self.device.type == "cuda":
@@ -390,7 +432,10 @@ class ViewLoader:
         """Replace every sample PIL cannot decode by a decodable one of the same batch (in place, by the
         reader's fill rule); ``reencode``: also rewrite every image as a baseline JPEG."""
         for batch in batches:
-            items = list(zip(batch.arrays, batch.labels.tolist(), batch.keys))
+            if batch.masks is not None:
+                self._repair_masks(batch)
+            masks = batch.masks if batch.masks is not None else [None] * len(batch.arrays)
+            items = list(zip(batch.arrays, batch.labels.tolist(), batch.keys, masks))
             slots = [item if decode_problem(item[0].tobytes()) is None else None for item in items]
             donors = [s for s in slots if s is not None]
             if not donors:
@@ -398,17 +443,35 @@ class ViewLoader:
                     f"ViewLoader: no decodable image in a batch (keys {batch.keys[:4]}...); cannot fill it"
                 )
             full, count = fill_batch(slots, donors)
-            for bad, (_, _, key) in zip(slots, items):
+            for bad, (_, _, key, _) in zip(slots, items):
                 if bad is None:
                     log.warning("ViewLoader: DALI could not decode sample %r; its slot was filled", key)
-            batch.arrays = [a for a, _, _ in full]
-            batch.labels = np.asarray([label for _, label, _ in full], dtype=np.int64)
-            batch.keys = [k for _, _, k in full]
+            batch.arrays = [a for a, _, _, _ in full]
+            batch.labels = np.asarray([label for _, label, _, _ in full], dtype=np.int64)
+            batch.keys = [k for _, _, k, _ in full]
+            if batch.masks is not None:  # each filled slot takes its donor's mask with its image
+                batch.masks = [m for _, _, _, m in full]
             self._counters["decode_fallback"] += count
             if reencode:
                 batch.arrays = [
                     np.frombuffer(reencode_jpeg(a.tobytes()), dtype=np.uint8) for a in batch.arrays
                 ]
+
+    def _repair_masks(self, batch: _Batch) -> None:
+        """Replace each mask of ``batch`` that cannot be decoded by ``FULL_MASK`` (its views unmasked)."""
+        from pipeline.shards.masks import FULL_MASK, mask_problem
+
+        assert batch.masks is not None
+        for i, mask in enumerate(batch.masks):
+            problem = mask_problem(mask.tobytes(), None, "decode")
+            if problem is not None:
+                log.warning(
+                    "ViewLoader: the mask of sample %r cannot be decoded (%s); its views are unmasked",
+                    batch.keys[i],
+                    problem[1],
+                )
+                batch.masks[i] = np.frombuffer(FULL_MASK, dtype=np.uint8)
+                self._counters["mask_fallback"] += 1
 
     def prepare(self, epoch: int, start_batch: int = 0) -> None:
         """Announce the segment the next ``epoch()`` call will ask for. Once the segment being

@@ -11,6 +11,13 @@ Reading: the shards listed in the manifest, in order, split across DataLoader wo
 (worker ``w`` of ``W`` reads shards ``w, w + W, ...``), parsed by the shard format's own reader
 (:mod:`pipeline.shards.format`); images decoded by Pillow (libjpeg-turbo), as torchvision's own
 ImageNet recipes do (``torchvision.io``'s decoders are deprecated since 0.29).
+
+Masks (``ViewRecipe.mask_prob > 0``): each large view, with probability ``mask_prob`` (one
+``torch.rand`` draw per large view and sample), starts from the background-removed image instead of
+the decoded one, before its random resized crop: ``fill + m (image - fill)`` with ``m`` the sample's
+mask (:func:`pipeline.shards.masks.decode_mask`) / 255, resized to the image with Pillow's bilinear
+filter, rounded to uint8 (half up). A sample without a mask is never masked; small views never are.
+The shard reader reads the masks (``{key}.mask.png``) of sets that have them.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torchvision.transforms import v2
 
@@ -48,8 +56,25 @@ def view_transform(spec: ViewSpec) -> v2.Compose:
     )
 
 
+def remove_background(image, mask: bytes, fill: tuple[int, int, int]):
+    """The background-removed RGB PIL ``image``: ``fill + m (image - fill)``, ``m`` the encoded
+    ``mask`` decoded, resized to the image (Pillow's bilinear, antialiased when shrinking) and divided
+    by 255; rounded half up to uint8."""
+    from PIL import Image
+
+    from pipeline.shards.masks import decode_mask
+
+    m = Image.fromarray(decode_mask(mask), mode="L")
+    if m.size != image.size:
+        m = m.resize(image.size, Image.Resampling.BILINEAR)
+    w = np.asarray(m, dtype=np.float64)[..., None] / 255.0
+    colour = np.asarray(fill, dtype=np.float64)
+    out = np.floor(colour + w * (np.asarray(image, dtype=np.float64) - colour) + 0.5)
+    return Image.fromarray(out.astype(np.uint8), mode="RGB")
+
+
 class RecipeTransform:
-    """Encoded image bytes -> the list of view tensors of ``recipe`` (decode once)."""
+    """Encoded image bytes (and mask) -> the list of view tensors of ``recipe`` (decode once)."""
 
     def __init__(self, recipe: ViewRecipe) -> None:
         self.recipe = recipe
@@ -61,9 +86,22 @@ class RecipeTransform:
         with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
 
-    def __call__(self, data: bytes) -> list[torch.Tensor]:
+    def __call__(self, data: bytes, mask: bytes | None = None) -> list[torch.Tensor]:
+        """The views of one image; ``mask``: its encoded saliency mask (None: no mask, unmasked)."""
         image = self.decode(data)
-        return [t(image) for t in self.transforms]
+        recipe = self.recipe
+        if recipe.mask_prob <= 0:
+            return [t(image) for t in self.transforms]
+        masked = None
+        views = []
+        for i, t in enumerate(self.transforms):
+            source = image
+            if i < recipe.num_large and float(torch.rand(())) < recipe.mask_prob and mask is not None:
+                if masked is None:
+                    masked = remove_background(image, mask, recipe.mask_fill)
+                source = masked
+            views.append(t(source))
+        return views
 
 
 class ShardViews(torch.utils.data.IterableDataset):
@@ -81,6 +119,7 @@ class ShardViews(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], int]]:
         from pipeline import storage
         from pipeline.shards.format import image_member, samples, tar_members
+        from pipeline.shards.masks import MASK_EXT
 
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -88,6 +127,8 @@ class ShardViews(torch.utils.data.IterableDataset):
         m = self.manifest
         rule = m.labels
         read = {"jpg", "jpeg", m.image_ext} | ({rule.ext} if rule.ext else set())
+        if self.recipe.mask_prob > 0:
+            read.add(MASK_EXT)
         transform = RecipeTransform(self.recipe)
         for shard in range(worker, len(m.shards), workers):
             with storage.open_stream(m.shard_url(shard), self.storage_options) as f:
@@ -95,7 +136,8 @@ class ShardViews(torch.utils.data.IterableDataset):
                     ext = image_member(sample.parts, m.image_ext)
                     if ext is not None:
                         label = rule.parse(sample.parts)
-                        yield transform(sample.parts[ext]), -1 if label is None else label
+                        views = transform(sample.parts[ext], sample.parts.get(MASK_EXT))
+                        yield views, -1 if label is None else label
 
 
 def _collate(items: list[tuple[list[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -125,21 +167,33 @@ def reference_loader(
     )
 
 
-def reference_views(recipe: ViewRecipe, images: list[bytes], *, seed: int = 0) -> list[torch.Tensor]:
-    """The views of ``images`` in one process (for tests): ``[N, 3, H, W]`` per view.
+def reference_views(
+    recipe: ViewRecipe, images: list[bytes], *, masks: list[bytes | None] | None = None, seed: int = 0
+) -> list[torch.Tensor]:
+    """The views of ``images`` in one process (for tests): ``[N, 3, H, W]`` per view. ``masks``: the
+    encoded mask of each image (None for one without; None altogether: no masks).
 
     Runs with one intra-op thread, as a DataLoader worker does: on small per-image tensors, torch's
     thread pool costs more than it saves (ten times slower with two threads on two cores).
     """
+    if masks is not None and len(masks) != len(images):
+        raise ValueError(f"reference_views: {len(images)} images but {len(masks)} masks")
     torch.manual_seed(seed)
     transform = RecipeTransform(recipe)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        per_image = [transform(b) for b in images]
+        per_image = [transform(b, m) for b, m in zip(images, masks or [None] * len(images))]
     finally:
         torch.set_num_threads(threads)
     return [torch.stack([views[v] for views in per_image]) for v in range(len(recipe.views))]
 
 
-__all__ = ["RecipeTransform", "ShardViews", "reference_loader", "reference_views", "view_transform"]
+__all__ = [
+    "RecipeTransform",
+    "ShardViews",
+    "reference_loader",
+    "reference_views",
+    "remove_background",
+    "view_transform",
+]

@@ -92,11 +92,42 @@ def test_preset_overrides_and_errors():
     with pytest.raises(PresetError, match="num_small is a relicv2 option") as info:
         preset("demo", num_small=2)
     assert info.value.option == "num_small"
-    with pytest.raises(PresetError, match="num_large=3") as info:
-        preset("relic", num_large=3)
-    assert info.value.option == "num_large"
+    with pytest.raises(ValidationError, match="greater than or equal to 2") as info:
+        preset("relic", num_large=1)
+    assert info.value.errors()[0]["loc"] == ("num_large",)
     with pytest.raises(TypeError, match="not both"):
         preset("relic", PresetOptions(size=64), blur_p=0.5)
+
+
+def test_presets_build_num_large_large_views_and_num_small_small_ones():
+    """L = 4, S = 2: four large views of the large size alternating BYOL's view 1 / view 2 settings,
+    then two small crops; group options size and scale per group, per-view options on top."""
+    r = preset("relicv2", num_large=4, num_small=2)
+    assert r.num_large == 4 and r.sizes == [224] * 4 + [96] * 2
+    assert [v.blur_p for v in r.views] == [1.0, 0.1, 1.0, 0.1, 0.5, 0.5]
+    assert [v.solarize_p for v in r.views] == [0.0, 0.2, 0.0, 0.2, 0.0, 0.0]
+    assert [v.scale for v in r.views] == [(0.14, 1.0)] * 4 + [(0.05, 0.14)] * 2
+    assert r.views[0] == r.views[2] and r.views[1] == r.views[3] and r.views[0] != r.views[1]
+    three = preset("relic", num_large=3)  # every preset: num_large builds large views, never relabels
+    assert three.num_large == 3 and three.sizes == [224] * 3
+    assert [v.blur_p for v in three.views] == [1.0, 0.1, 1.0]
+    demo = preset("demo", num_large=4)
+    assert demo.sizes == [32] * 4 and all(v.flip_p == 0.0 and v.scale == (0.4, 1.0) for v in demo.views)
+    groups = preset("relicv2", num_small=1, large_scale=(0.3, 1.0), small_scale=(0.1, 0.2), small_size=64)
+    assert [v.scale for v in groups.views] == [(0.3, 1.0)] * 2 + [(0.1, 0.2)]
+    assert groups.sizes == [224, 224, 64]
+    assert [v.scale for v in preset("relic", large_scale=(0.3, 1.0)).views] == [(0.3, 1.0)] * 2
+    # the every-view / per-view scale applies after the group options
+    over = preset("relicv2", num_small=1, large_scale=(0.3, 1.0), scale=[[0.5, 1.0], [0.6, 1.0], [0.1, 0.3]])
+    assert [v.scale for v in over.views] == [(0.5, 1.0), (0.6, 1.0), (0.1, 0.3)]
+    assert {v.scale for v in preset("relicv2", num_small=1, scale=(0.2, 0.9)).views} == {(0.2, 0.9)}
+
+
+def test_mask_options_go_to_the_recipe():
+    assert (preset("relicv2").mask_prob, preset("relicv2").mask_fill) == (0.0, (0, 0, 0))
+    r = preset("relicv2", num_small=2, mask_prob=0.3, mask_fill=(124, 116, 104))
+    assert (r.mask_prob, r.mask_fill) == (0.3, (124, 116, 104))
+    assert preset("relic", mask_prob=1.0).mask_prob == 1.0
 
 
 def test_sequence_options_take_one_value_or_one_per_view():
@@ -115,6 +146,14 @@ def test_sequence_options_take_one_value_or_one_per_view():
         (lambda: ViewSpec(jitter=(0.4, 0.4, 0.2, 0.6)), ("jitter", 3), 0.6, "less than or equal to 0.5"),
         (lambda: ViewRecipe(views=[ViewSpec()], num_large=2), ("num_large",), 2, "1..1"),
         (lambda: PresetOptions(size="abc"), ("size",), "abc", "valid integer"),
+        (lambda: PresetOptions(num_large=1), ("num_large",), 1, "greater than or equal to 2"),
+        (lambda: PresetOptions(mask_prob=1.5), ("mask_prob",), 1.5, "less than or equal to 1"),
+        (
+            lambda: ViewRecipe(views=[ViewSpec()], num_large=1, mask_fill=(0, 0, 256)),
+            ("mask_fill", 2),
+            256,
+            "less than or equal to 255",
+        ),
         (lambda: PresetOptions(blur_p=[0.5, 2.0]), ("blur_p", "per view", 1), 2.0, "less than or equal to 1"),
     ],
 )
@@ -132,6 +171,10 @@ def test_every_view_field_is_a_preset_option():
         "num_small",
         "small_size",
         "num_large",
+        "large_scale",
+        "small_scale",
+        "mask_prob",
+        "mask_fill",
     }
 
 

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from mask_helpers import FILL, fill_pixels, png, scene, scene_mask
 from PIL import Image
 
 from pipeline.augment import preset
 from pipeline.loader import ViewBatch, ViewLoader, pipeline_threads
+from pipeline.shards.masks import encode_mask
 
 
 def jpeg(rng: np.random.Generator, h: int, w: int) -> bytes:
@@ -216,3 +218,98 @@ def test_malloc_tuning_applies_on_glibc_and_only_once():
     if platform.libc_ver()[0] == "glibc":
         assert first is True  # mallopt accepted every parameter
     assert tune_process_malloc() is first
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks (ReLICv2 background removal): fed beside the images, applied to large views only
+
+
+@dataclass
+class MaskedRaw(Raw):
+    masks: list[bytes | None] | None = None
+
+
+class MaskedReader(ListReader):
+    """A reader of ``RawBatch``es with masks (``masks[i]`` of sample i, None: no usable mask), or with
+    ``masks=None`` a set without masks (``RawBatch.masks is None``)."""
+
+    def __init__(self, images, masks, batch_size, corrupt=None):
+        super().__init__(images, batch_size, corrupt)
+        self.masks = masks
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        for raw in super().epoch(epoch, start_batch):
+            idx = [int(k) for k in raw.keys]
+            masks = None if self.masks is None else [self.masks[i] for i in idx]
+            yield MaskedRaw(raw.images, raw.labels, raw.keys, masks)
+
+
+def plain_preset(**kw):
+    """relicv2 with L = 4 large 64 px views and S = 2 small 32 px ones that change nothing but the
+    crop's size (full frame, no colour op, output = pixel / 255): masked pixels stay visible."""
+    return preset(
+        "relicv2", num_large=4, num_small=2, size=64, small_size=32, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+        jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0), mask_fill=FILL, **kw,
+    )  # fmt: skip
+
+
+def pixels(view: torch.Tensor) -> np.ndarray:
+    """``[B, 3, H, W]`` pixel / 255 -> ``[B, H, W, 3]`` pixel values."""
+    return view.permute(0, 2, 3, 1).numpy().astype(np.float64) * 255.0
+
+
+def test_masks_apply_to_the_large_views_only_and_follow_their_samples(caplog):
+    """L = 4, S = 2, mask_prob = 1: a sample with a mask has all four large views masked (fill over
+    the background) and both small views untouched; a sample without one (None) is never masked. The
+    slot of an undecodable image without a mask is filled with a sample of the batch that has one:
+    it takes its donor's mask with its image."""
+    images = [png(scene(i)) for i in range(12)]
+    masks = [encode_mask(scene_mask()) if i % 3 else None for i in range(12)]  # 0, 3, 6, 9: no mask
+    reader = MaskedReader(images, masks, batch_size=4, corrupt={6: b"\x00not an image" * 40})
+    loader = ViewLoader(reader, plain_preset(mask_prob=1.0), seed=0)
+    with caplog.at_level("WARNING", logger="pipeline.loader"):
+        batches = list(loader.epoch(0))
+    assert len(batches) == 3 and loader.stats["decode_fallback"] == 1
+    for batch in batches:
+        assert len(batch.views) == 6 and batch.num_large == 4
+        assert [tuple(v.shape) for v in batch.views] == [(4, 3, 64, 64)] * 4 + [(4, 3, 32, 32)] * 2
+        has_mask = np.array([int(k) % 3 != 0 for k in batch.keys])
+        for v in batch.views[:4]:
+            np.testing.assert_array_equal(fill_pixels(pixels(v)) > 1000, has_mask)
+        for v in batch.views[4:]:
+            assert fill_pixels(pixels(v)).max() == 0
+    keys = [k for b in batches for k in b.keys]
+    assert "000006" not in keys and keys[4:8] == ["000004", "000005", "000004", "000007"]
+    assert "000006" in caplog.text and "has no masks" not in caplog.text
+
+
+def test_a_set_without_masks_is_unmasked_and_said_once(caplog):
+    images = [png(scene(i)) for i in range(8)]
+    loader = ViewLoader(MaskedReader(images, None, batch_size=4), plain_preset(mask_prob=1.0), seed=0)
+    with caplog.at_level("WARNING", logger="pipeline.loader"):
+        batches = list(loader.epoch(0))
+    assert len(batches) == 2
+    assert all(fill_pixels(pixels(v)).max() == 0 for b in batches for v in b.views)
+    assert caplog.text.count("has no masks") == 1
+
+
+def test_an_undecodable_mask_unmasks_its_sample(caplog):
+    """DALI raises on a mask it cannot decode; the loader replaces it by FULL_MASK and goes on."""
+    images = [png(scene(i)) for i in range(4)]
+    masks = [encode_mask(scene_mask())] * 4
+    masks[2] = masks[2][:40]  # truncated PNG
+    loader = ViewLoader(MaskedReader(images, masks, batch_size=4), plain_preset(mask_prob=1.0), seed=0)
+    with caplog.at_level("WARNING", logger="pipeline.loader"):
+        (batch,) = list(loader.epoch(0))
+    assert loader.stats["mask_fallback"] == 1 and "000002" in caplog.text
+    np.testing.assert_array_equal(fill_pixels(pixels(batch.views[0])) > 1000, [True, True, False, True])
+
+
+def test_without_mask_prob_masks_are_not_fed(images):
+    """mask_prob = 0: the recipe's graph has no mask input; masks in the raw batches are ignored."""
+    masks = [encode_mask(scene_mask())] * 8
+    a = ViewLoader(MaskedReader(images[:8], masks, batch_size=4), preset("demo"), seed=2)
+    b = ViewLoader(ListReader(images[:8], batch_size=4), preset("demo"), seed=2)
+    for x, y in zip(a.epoch(0), b.epoch(0)):
+        assert all(torch.equal(u, v) for u, v in zip(x.views, y.views))
