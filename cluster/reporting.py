@@ -31,7 +31,8 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def aggregate(per_rank: list[dict[str, Any]], skip_reasons: tuple[str, ...]) -> dict[str, float]:
-    """Cross-rank report values: throughput summed, wait fraction averaged, skip counters summed."""
+    """Cross-rank report values: throughput summed, wait fraction averaged, skip and kept-sample
+    counters summed."""
     out: dict[str, float] = {}
     out["images_per_s"] = float(sum(r["images"] / r["elapsed"] for r in per_rank))
     out["data_wait_fraction"] = float(np.mean([r["wait"] / r["elapsed"] for r in per_rank]))
@@ -41,7 +42,10 @@ def aggregate(per_rank: list[dict[str, Any]], skip_reasons: tuple[str, ...]) -> 
         out[f"skipped/{reason}"] = count
         total += count
     out["skipped_total"] = total
-    out["filled"] = int(sum(r["stats"].get("filled", 0) for r in per_rank))
+    # samples delivered despite something (KEPT_COUNTERS of pipeline.reader): a label read as -1, a
+    # bad saliency mask or none (the sample trains unmasked); and the slots filled from good samples
+    for name in ("filled", "bad_label", "bad_mask", "unmasked"):
+        out[name] = int(sum(r["stats"].get(name, 0) for r in per_rank))
     return out
 
 

@@ -223,6 +223,15 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
             key="data.global_batch_size",
         )
     facts = {"train_samples": total, "steps_per_epoch": total // batch, "labelled": bool(train.label_ext)}
+    mask_prob = cfg.views.recipe().mask_prob
+    facts["masked_samples"] = train.masks["samples"] if train.has_masks else 0
+    if mask_prob > 0 and not train.has_masks:
+        log.warning(
+            "views.options.mask_prob is %g but the shards at %r carry no saliency masks: every view is "
+            "unmasked (add masks with `relic shards masks` or `relic shards build --masks DIR`)",
+            mask_prob,
+            cfg.data.train,
+        )
     if cfg.data.knn_val and cfg.run.knn_every:
         for key in ("data.knn_train", "data.knn_val"):
             url = getattr(cfg.data, key.split(".")[1]) or cfg.data.train
@@ -479,6 +488,9 @@ def progress_line(m: dict[str, Any]) -> str:
     skipped = m.get("skipped_total")
     if skipped:
         parts.append(f"skipped {skipped}")
+    unmasked = m.get("unmasked", 0) + m.get("bad_mask", 0)
+    if unmasked:
+        parts.append(f"unmasked {unmasked}")
     if "knn_accuracy" in m:
         parts.append(f"kNN {100 * m['knn_accuracy']:.1f}%")
     if m.get("checkpoint"):

@@ -55,8 +55,19 @@ def test_paper_recipes(path):
 def test_relicv2_recipe_has_small_crops():
     cfg = load_config(PAPER_CONFIGS[1])
     assert cfg.views.preset == "relicv2"
-    assert cfg.views.options.num_small > 0
-    assert len(cfg.views.recipe().views) == 2 + cfg.views.options.num_small
+    options, recipe = cfg.views.options, cfg.views.recipe()
+    assert options.num_small > 0 and recipe.num_large == options.num_large >= 2
+    assert len(recipe.views) == options.num_large + options.num_small
+    assert cfg.objective.pairs == "all" and cfg.model.batchnorm == "per_view" and cfg.model.sync_batchnorm
+    assert recipe.mask_prob > 0
+    # every value the recipe names has its source, and each says verified or assumed
+    for key in (
+        "views.options.num_large",
+        "views.options.num_small",
+        "views.options.mask_prob",
+        "objective.pairs",
+    ):
+        assert cfg.sources[key].startswith(("verified:", "assumed:")), key
 
 
 @pytest.mark.parametrize(

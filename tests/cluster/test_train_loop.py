@@ -56,14 +56,25 @@ def test_checkpoints_are_due_at_their_cadences_and_the_end(every, every_epochs, 
 
 def test_aggregate_sums_throughput_and_skips_and_averages_waiting():
     ranks = [
-        {"images": 80, "elapsed": 2.0, "wait": 0.2, "stats": {"corrupt_image": 2, "filled": 2}},
-        {"images": 80, "elapsed": 4.0, "wait": 2.0, "stats": {"corrupt_image": 1, "missing_image": 3}},
+        {
+            "images": 80,
+            "elapsed": 2.0,
+            "wait": 0.2,
+            "stats": {"corrupt_image": 2, "filled": 2, "unmasked": 5},
+        },
+        {
+            "images": 80,
+            "elapsed": 4.0,
+            "wait": 2.0,
+            "stats": {"corrupt_image": 1, "missing_image": 3, "bad_mask": 1},
+        },
     ]
     out = aggregate(ranks, ("corrupt_image", "missing_image", "truncated_tar"))
     assert out["images_per_s"] == pytest.approx(40 + 20)
     assert out["data_wait_fraction"] == pytest.approx((0.1 + 0.5) / 2)
     assert out["skipped/corrupt_image"] == 3 and out["skipped/missing_image"] == 3
     assert out["skipped/truncated_tar"] == 0 and out["skipped_total"] == 6 and out["filled"] == 2
+    assert (out["unmasked"], out["bad_mask"], out["bad_label"]) == (5, 1, 0)  # kept, not skipped
 
 
 def test_progress_line_is_one_concise_line():
