@@ -26,7 +26,7 @@ operator call serves the whole batch, the same graph on CPU and GPU:
   511 (coin 0: ``c - x > x`` everywhere, the identity);
 - flip is ``crop_mirror_normalize``'s per-sample ``mirror``.
 
-Pixel type: the crop is uint8 (as decoded; float32 for the large views of a recipe with masks);
+Pixel type: the crop is uint8 (as decoded; a masked crop is blended in float32 and rounded back);
 from the colour twist on, the view is float32 on the 0..255 scale, clamped to [0, 255] right after
 the twist (where torchvision's uint8 jitter clamps), so blur and solarize see exactly the values
 torchvision's would, without rounding to integers between steps, and without the per-value rounding
@@ -42,26 +42,24 @@ grey 128 where torchvision pivots around the image's mean grey.
 Masked large views (ReLICv2, Tomasev et al. 2022, arXiv 2201.05119: large views of the
 background-removed image). With ``ViewRecipe.mask_prob > 0`` the graph takes a second input, one
 encoded saliency mask per image (``pipeline.shards.masks``: 8-bit grey PNG, 255 = keep, any size
-with the image's aspect ratio). The mask is decoded on the CPU, scaled to weights ``m = mask / 255``
-and resized (linear, antialiased when shrinking: Pillow's bilinear; skipped for a mask of the
-image's size) to the image's size as ``fn.peek_image_shape`` reads it from the encoded bytes (on the
-CPU for both devices), moved to the GPU in the GPU graph, and the image is blended once per sample,
-before any crop: ``masked = fill + m (image - fill)`` (float32; DALI broadcasts the HW1 weights over
-the channels). Each large view then starts from the masked image with probability ``mask_prob``,
-from the decoded one otherwise: an independent per-sample coin per view in a DALI conditional that
-only routes the two images, so each view keeps its one crop operator, and the crop and flip cut the
-mask with its image by construction. Small views never use it. With ``mask_prob == 0`` the graph is
-exactly the unmasked one (no mask input, no extra operator, the same random streams).
+with the image's aspect ratio), decoded on the CPU to weights ``m = mask / 255`` at its own size and
+moved to the GPU in the GPU graph. Each large view draws its crop window first
+(``fn.random_crop_generator`` on the image's size from ``fn.peek_image_shape``: the algorithm of
+``random_resized_crop``) and resizes that window of the image to the view; then, with probability
+``mask_prob`` (an independent per-sample coin per view, a DALI conditional), it takes the same window
+of the mask in relative coordinates, resizes it to the view and blends ``fill + m (crop - fill)``.
+This is the crop of the background-removed image ``fill + m (image - fill)`` up to the order of two
+linear interpolations (identical where the mask is constant over a pixel's footprint; bounded on
+soft edges, tests/pipeline/test_mask_views.py), and the crop and flip cut the mask with its image by
+construction. Small views never use masks. With ``mask_prob == 0`` the graph is exactly the unmasked
+one (no mask input, no extra operator, the same random streams).
 
-Cost choices, measured on the CPU (DALI 2.4, one thread, 500 x 375 JPEGs, masks a quarter of that; the whole
-relic recipe costs ~5.5 ms per image: resizing the mask ~0.55 ms, the blend (one multiplication)
-~0.5 ms. Both choices are float32 (the decoded image cast once per sample, ~0.25 ms), because
-rounding the blend to uint8 (DALI's cast rounds with libm) costs ~1.2 ms, more than cropping float
-input (~0.3 ms per crop); routing the images with ``if`` costs nothing measurable, where routing the
-crops (one crop operator per branch) paid ~0.2 ms per view for merging their outputs, and an
-arithmetic select would pay a pass over the full image per view. benchmarks/views.py measures the
-whole: ``mask_cost``. Unlike the reference, the masked image is not rounded to integers (a
-difference below half a grey level, at partially masked pixels only).
+Why crop first: blending the full image costs a full-image resize of the mask and a full-image blend
+for every sample (~1 ms of the ~5.5 ms the relic recipe costs per 500 x 375 JPEG on one CPU thread,
+``mask_cost`` 0.77 in benchmarks/views.py); after the crop only masked views pay, at the view's
+size, for a mask resize from a 64-pixel-wide mask, one multiplication and the rounding back to uint8
+(as the reference rounds its blend; both branches of the conditional must have one type):
+``mask_cost`` 0.90 at ``mask_prob`` 0.5 and 0.98 at 0.1, measured side by side.
 
 ``device="gpu"`` uses the "mixed" decoder (nvJPEG) and the GPU variants of the same operators;
 random parameters are always generated on the CPU (DALI argument inputs live on the CPU). The device
@@ -169,7 +167,7 @@ class ViewRecipe:
     """Number of large views, at most the number of views."""
     mask_prob: Probability = 0.0
     """Probability that a large view is cut from the background-removed image (the sample's saliency
-    mask applied before the crop; ReLICv2, Tomasev et al. 2022, arXiv 2201.05119), drawn per sample
+    applied to the crop window of the image; ReLICv2, Tomasev et al. 2022, arXiv 2201.05119), drawn per sample
     and per large view; small views never are. 0: masks are not read at all."""
     mask_fill: Colour = (0, 0, 0)
     """The background colour of masked images, 0..255 RGB: ``fill + m (image - fill)`` with
@@ -488,15 +486,22 @@ def _solarize(images, spec: ViewSpec):
     return dmath.min(images, c - images)
 
 
-def _view(images, spec: ViewSpec, dtype, layout: str):
+def _crop(images, spec: ViewSpec):
+    """The random resized crop of an unmasked view (uint8, as decoded)."""
     import nvidia.dali.fn as fn
 
-    x = fn.random_resized_crop(
+    return fn.random_resized_crop(
         images,
         size=[spec.size, spec.size],
         random_area=list(spec.scale),
         random_aspect_ratio=list(spec.ratio),
     )
+
+
+def _augment(x, spec: ViewSpec, dtype, layout: str):
+    """Steps 2-6 on a crop: colour, blur, solarize, flip and normalisation."""
+    import nvidia.dali.fn as fn
+
     x = _colour(x, spec)
     x = _blur(x, spec)
     x = _solarize(x, spec)
@@ -511,54 +516,62 @@ def _view(images, spec: ViewSpec, dtype, layout: str):
     )
 
 
-def _mask_weights(encoded, masks):
-    """Per sample, the mask as float32 weights in [0, 1], ``[H, W, 1]`` at the image's size (read
-    from the encoded image's header; on the CPU). A mask of the image's size is only scaled; any
-    other is resized linearly (antialiased when shrinking: Pillow's bilinear), after the scaling at
-    its own size (resizing is linear: the order does not matter). Why two branches: DALI's CPU
-    linear resize of a mask to its own size costs more than an upscale from a quarter of it."""
+def _mask_weights(masks, device: str):
+    """Per sample, the mask as float32 weights ``m = mask / 255``, ``[h, w, 1]`` at the mask's own
+    size: decoded on the CPU (a few hundred bytes of PNG), moved to the GPU in the GPU graph."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
-    size = fn.peek_image_shape(encoded, dtype=types.INT32)[0:2]  # [H, W]
-    own = fn.peek_image_shape(masks, dtype=types.INT32)[0:2]
     weights = fn.decoders.image(masks, device="cpu", output_type=types.GRAY) * (1.0 / 255.0)
-    if (own[0] == size[0]) & (own[1] == size[1]):
-        m = weights
-    else:
-        m = fn.resize(weights, size=fn.cast(size, dtype=types.FLOAT), interp_type=types.INTERP_LINEAR)
-    return m
+    return weights.gpu() if device == "gpu" else weights
 
 
-def _remove_background(decoded, encoded, masks, fill: tuple[int, int, int], device: str):
-    """The background-removed image, float32 HWC on the 0..255 scale: ``fill + m (decoded - fill)``
-    with ``m`` the mask weights (:func:`_mask_weights`), made on the CPU and moved to the GPU in the
-    GPU graph. DALI broadcasts the HW1 weights over the channels. A black fill is one multiplication;
-    another colour costs two more passes over the image."""
+def _blend(crop, m, fill: tuple[int, int, int]):
+    """``fill + m (crop - fill)``: one multiplication for a black fill, two more passes otherwise."""
     import numpy as np
     import nvidia.dali.types as types
 
-    m = _mask_weights(encoded, masks)
-    if device == "gpu":
-        m = m.gpu()
     if not any(fill):
-        return decoded * m
+        return crop * m
     colour = float(fill[0]) if len(set(fill)) == 1 else types.Constant(np.asarray(fill, np.float32))
-    return colour + (decoded - colour) * m
+    return colour + (crop - colour) * m
 
 
-def _either(masked, unmasked, p: float):
-    """Per sample: ``masked`` with probability ``p``, else ``unmasked``. A DALI conditional that only
-    routes the two images (the batch is split and merged by reference: no pixel is copied), so that
-    the view's one crop operator cuts each sample from the image it drew."""
+def _masked_crop(decoded, shape, image_hw, weights, spec: ViewSpec, recipe: ViewRecipe):
+    """A large view's crop, from the background-removed image with probability ``recipe.mask_prob``.
+
+    The crop window is drawn first, by ``fn.random_crop_generator`` (the algorithm of
+    ``random_resized_crop``: area and aspect ratio, 10 attempts, centre-crop fallback) on the image's
+    size; the image's window is resized to the view (uint8). A masked view then takes the same
+    window of the mask, in coordinates relative to the mask (so a mask of any size with its image's
+    aspect ratio lines up), resized to the view, and blends: ``fill + m (crop - fill)``, rounded to
+    uint8. That is the
+    crop of the background-removed image up to the order of two linear interpolations (exactly where
+    the mask is constant over a pixel's footprint), and it costs one view-sized resize of a small
+    mask and one view-sized blend per masked view, not a full-image resize and blend per sample.
+    """
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
 
-    if fn.random.coin_flip(probability=p, dtype=types.BOOL):
-        image = masked
-    else:
-        image = unmasked
-    return image
+    anchor, extent = fn.random_crop_generator(
+        shape, random_area=list(spec.scale), random_aspect_ratio=list(spec.ratio)
+    )
+    start = fn.cast(anchor, dtype=types.FLOAT)  # [y, x]
+    end = start + fn.cast(extent, dtype=types.FLOAT)
+    size = [spec.size, spec.size]
+    crop = fn.resize(decoded, roi_start=start, roi_end=end, size=size)
+
+    def masked(crop):
+        m = fn.resize(
+            weights, roi_start=start / image_hw, roi_end=end / image_hw, roi_relative=True, size=size
+        )
+        return fn.cast(_blend(crop, m, recipe.mask_fill), dtype=types.UINT8)
+
+    if recipe.mask_prob >= 1:
+        return masked(crop)
+    if fn.random.coin_flip(probability=recipe.mask_prob, dtype=types.BOOL):
+        crop = masked(crop)
+    return crop
 
 
 def views_graph(
@@ -585,20 +598,21 @@ def views_graph(
         raise ValueError(f"layout: expected 'CHW' or 'HWC', got {layout!r}")
     decoded = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
     dtype = types.FLOAT16 if fp16 else types.FLOAT
-    sources = [decoded] * len(recipe.views)
+    crops = [None] * len(recipe.views)
     if recipe.mask_prob > 0:
         if masks is None:
             raise ValueError("views_graph: recipe.mask_prob > 0 needs masks= (a DataNode of encoded masks)")
-        masked = _remove_background(decoded, encoded, masks, recipe.mask_fill, device)
-        if recipe.mask_prob >= 1:
-            sources[: recipe.num_large] = [masked] * recipe.num_large
-        else:
-            # Both choices float32, so that one crop operator per view takes either.
-            unmasked = fn.cast(decoded, dtype=types.FLOAT)
-            sources[: recipe.num_large] = [
-                _either(masked, unmasked, recipe.mask_prob) for _ in range(recipe.num_large)
-            ]
-    return [_view(source, spec, dtype, layout) for source, spec in zip(sources, recipe.views)]
+        shape = fn.peek_image_shape(encoded, dtype=types.INT32)  # [H, W, C] as decoded, on the CPU
+        image_hw = fn.cast(shape[0:2], dtype=types.FLOAT)
+        weights = _mask_weights(masks, device)
+        crops[: recipe.num_large] = [
+            _masked_crop(decoded, shape, image_hw, weights, spec, recipe)
+            for spec in recipe.views[: recipe.num_large]
+        ]
+    return [
+        _augment(_crop(decoded, spec) if crop is None else crop, spec, dtype, layout)
+        for crop, spec in zip(crops, recipe.views)
+    ]
 
 
 def build_pipeline(
@@ -638,7 +652,7 @@ def build_pipeline(
         raise ValueError("build_pipeline: device='gpu' needs a device_id")
     with_masks = recipe.mask_prob > 0
 
-    @pipeline_def(enable_conditionals=True)  # per-sample `if` on DataNodes (see _blur, _either)
+    @pipeline_def(enable_conditionals=True)  # per-sample `if` on DataNodes (see _blur, _masked_crop)
     def graph():
         if source is not None:
             dtypes = [types.UINT8, types.INT64] + [types.UINT8] * with_masks

@@ -13,11 +13,12 @@ import pytest
 import torch
 from mask_helpers import FILL, RECT, SIDE, fill_pixels, off_segment, png, scene, scene_mask
 from PIL import Image
+from scipy import ndimage
 from scipy.stats import binomtest
 
 from pipeline.augment import ViewRecipe, build_pipeline, preset
 from pipeline.reference import reference_views, remove_background
-from pipeline.shards.masks import FULL_MASK, encode_mask
+from pipeline.shards.masks import FULL_MASK, decode_mask, encode_mask
 
 
 def plain(**kw) -> dict:
@@ -226,8 +227,8 @@ def test_reference_without_masks_draws_no_coin():
 
 def test_gpu_graph_with_masks_is_the_cpu_graph_on_the_gpu():
     """The device only places operators: the same operators in the same numbers; on the GPU the image
-    decoder is "mixed", the mask is decoded, scaled and resized on the CPU and moved over once, and
-    the blend, routing and crops run on the GPU."""
+    decoder is "mixed", the mask is decoded and scaled on the CPU and moved over once, the crop
+    windows are drawn on the CPU, and the crops, the mask resizes and the blends run on the GPU."""
     recipe = preset("relicv2", size=32, small_size=16, num_small=2, num_large=4, mask_prob=0.5)
     cpu, gpu = graph_ops(recipe, "cpu", placed=True), graph_ops(recipe, "gpu", placed=True)
 
@@ -240,26 +241,28 @@ def test_gpu_graph_with_masks_is_the_cpu_graph_on_the_gpu():
     assert by_name(cpu) == by_name(gpu)
     assert {d for _, d in cpu} == {"cpu"}
     assert gpu[("decoders__Image", "mixed")] == 1 and gpu[("decoders__Image", "cpu")] == 1  # image, mask
-    assert gpu[("Resize", "cpu")] == 1 and gpu[("PeekImageShape", "cpu")] == 2
-    assert gpu[("RandomResizedCrop", "gpu")] == 6 and ("RandomResizedCrop", "cpu") not in gpu
-    assert gpu[("Cast", "gpu")] == 1  # the unmasked choice, made float once per sample
+    assert gpu[("PeekImageShape", "cpu")] == 1 and gpu[("RandomCropGenerator", "cpu")] == 4  # per large view
+    assert gpu[("Resize", "gpu")] == 8 and ("Resize", "cpu") not in gpu  # crop and mask of each large view
+    assert gpu[("RandomResizedCrop", "gpu")] == 2 and ("RandomResizedCrop", "cpu") not in gpu  # small views
 
 
 @pytest.mark.parametrize("mask_scale", [0.25, 1.0, 2.0, None], ids=["quarter", "same", "double", "full"])
 @pytest.mark.parametrize("fill", [(0, 0, 0), (128, 128, 128), FILL])
-def test_background_removal_matches_the_reference(mask_scale, fill):
-    """The DALI blend (before any crop) of a non-square photo-like image with masks smaller than,
-    equal to (no resize) and larger than (antialiased shrink) the image, and FULL_MASK, equals the
-    reference's Pillow computation within 1.5 grey levels (its rounding, resize arithmetic), exactly
-    where the mask is 0 or 255 at full resolution."""
+def test_masked_crop_is_the_crop_of_the_background_removed_image(mask_scale, fill):
+    """A masked view takes the crop window of the image and the same window of the mask (relative
+    coordinates), and blends after resizing both; the reference blends the full image, then crops. On
+    a non-square photo-like image with a soft-edged mask smaller than, equal to and larger than the
+    image (and FULL_MASK), with the window the whole image and a view larger than it (DALI's linear
+    upscale is Pillow's bilinear), the two agree within one grey level (rounding) wherever the mask
+    is 0 or 255 around a pixel, and within 12 on the soft edge (the order of the interpolations)."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
 
-    from pipeline.augment import _remove_background
+    from pipeline.augment import ViewSpec, _mask_weights, _masked_crop
 
     rng = np.random.default_rng(1)
-    h, w = 48, 80
+    h, w, side = 48, 80, 96
     image = np.asarray(
         Image.fromarray(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR)
     )
@@ -270,6 +273,8 @@ def test_background_removal_matches_the_reference(mask_scale, fill):
         yy, xx = np.mgrid[:mh, :mw]
         ellipse = ((yy - 0.45 * mh) / (0.3 * mh)) ** 2 + ((xx - 0.6 * mw) / (0.25 * mw)) ** 2
         mask = encode_mask(np.clip(255 * (1.5 - ellipse), 0, 255).astype(np.uint8))  # soft edge
+    spec = ViewSpec(size=side, scale=(1.0, 1.0), ratio=(w / h, w / h))  # the window is the whole image
+    recipe = ViewRecipe(views=[spec, spec], num_large=2, mask_prob=1.0, mask_fill=fill)
 
     @pipeline_def(enable_conditionals=True, batch_size=1, num_threads=1, device_id=None)
     def graph():
@@ -280,16 +285,28 @@ def test_background_removal_matches_the_reference(mask_scale, fill):
             dtype=[types.UINT8, types.UINT8],
         )
         decoded = fn.decoders.image(encoded, output_type=types.RGB)
-        return _remove_background(decoded, encoded, masks, fill, "cpu")
+        shape = fn.peek_image_shape(encoded, dtype=types.INT32)
+        image_hw = fn.cast(shape[0:2], dtype=types.FLOAT)
+        return _masked_crop(decoded, shape, image_hw, _mask_weights(masks, "cpu"), spec, recipe)
 
     pipe = graph()
     pipe.build()
     (out,) = pipe.run()
-    ours = np.array(out[0])
-    expected = np.asarray(remove_background(Image.fromarray(image), mask, fill)).astype(np.float64)
-    assert ours.shape == (h, w, 3) and ours.dtype == np.float32
-    np.testing.assert_allclose(ours, expected, atol=1.5)
+    ours = np.array(out[0]).astype(np.float64)
+    assert np.array(out[0]).dtype == np.uint8  # rounded back, as the reference rounds its blend
+    cleaned = remove_background(Image.fromarray(image), mask, fill)
+    expected = np.asarray(cleaned.resize((side, side), Image.BILINEAR)).astype(np.float64)
+    assert ours.shape == (side, side, 3)
+    # where the mask is 0 or 255 over a pixel's footprint the two orders agree but for rounding; on the
+    # soft edge band they differ by the order of the interpolations, boundedly
+    weights = Image.fromarray(decode_mask(mask), mode="L").resize((w, h), Image.BILINEAR)
+    flat = np.isin(np.asarray(weights.resize((side, side), Image.BILINEAR)), (0, 255))
+    flat = ~ndimage.binary_dilation(~flat, iterations=2)
+    error = np.abs(ours - expected).max(axis=2)
+    assert error[flat].max() <= 1.0
+    assert error.max() <= 12
+    plain = np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR)).astype(np.float64)
     if mask_scale is None:
-        np.testing.assert_allclose(ours, image, atol=1e-3)
+        np.testing.assert_allclose(ours, plain, atol=1.5)
     else:
-        assert (np.abs(ours - image) > 20).any() and (np.abs(ours - image) < 1e-3).any()
+        assert flat.mean() > 0.5 and (np.abs(ours - plain) > 20).any() and (np.abs(ours - plain) < 1.0).any()
