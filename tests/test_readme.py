@@ -74,12 +74,21 @@ def _jpeg(seed: int, size=(96, 72)) -> bytes:
 
 def _example_inputs(work: Path) -> None:
     """The inputs README.md's examples name: ``data/imagenet/train`` (ImageFolder, two classes),
-    ``data/images.csv`` (path,label), ``data/laion/00000{0,1}.tar`` (img2dataset-style shards)."""
+    ``data/masks`` (saliency masks for half of its images), ``data/images.csv`` (path,label),
+    ``data/laion/00000{0,1}.tar`` (img2dataset-style shards)."""
     for c, wnid in enumerate(("n01440764", "n01443537")):
         folder = work / "data" / "imagenet" / "train" / wnid
         folder.mkdir(parents=True)
         for i in range(24):
             (folder / f"{wnid}_{i}.JPEG").write_bytes(_jpeg(100 * c + i))
+    # saliency masks (8-bit grey PNG, a quarter of the image's size) for half of the tree's images,
+    # at the images' relative paths: the other half has none (counted, trained unmasked)
+    for image in sorted((work / "data" / "imagenet" / "train").rglob("*.JPEG"))[::2]:
+        mask = np.zeros((18, 24), np.uint8)
+        mask[4:14, 6:18] = 255
+        target = work / "data" / "masks" / image.parent.name / f"{image.stem}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(target)
     rows = ["path,label"] + [
         f"imagenet/train/{p.parent.name}/{p.name},{p.parent.name}"
         for p in sorted((work / "data" / "imagenet" / "train").rglob("*.JPEG"))
