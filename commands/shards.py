@@ -3,6 +3,8 @@
     relic shards build ~/data/imagenet/train s3://bucket/imagenet/train --workers 16 --max-side 512 --index
     relic shards build ~/data/photos runs/photos --masks ~/data/photo-masks
     relic shards build builtin:digits?split=train runs/digits/train --max-samples 256 --index
+    relic shards build builtin:digits?split=train runs/digits/train-10pc --label-fraction 0.1 --seed 1
+    relic shards build ~/data/imagenet/train runs/imagenet-1pc --labelled-keys 1percent.txt
     relic shards index 's3://bucket/laion/{000000..000099}.tar' --index
     relic shards verify s3://bucket/imagenet/train --decode
     relic shards inspect runs/digits/train
@@ -54,6 +56,23 @@ opaque, other colour masks by luminance, 1-bit as 0/255, 16-bit scaled by depth 
 mask larger than the stored image (--max-side) is shrunk to its size. Inputs without a mask are stored
 without one and counted; unreadable or misshapen masks are listed in the manifest's rejected inputs
 (the image is kept without a mask)"""
+
+LABEL_FRACTION_HELP = """\
+keep the labels of a class-balanced fraction F (0 < F <= 1) of a labelled SOURCE, for
+semi-supervised pretraining (SemPPL); every other sample is stored with label -1 (.cls "-1"). Class c
+with n_c inputs keeps max(1, round(F * n_c)) labels (round half to even), the first of a permutation
+seeded by (--seed, class index) of the class's inputs in listing order (relative path for a folder,
+row for a list), so the choice does not depend on --workers or --max-samples. The manifest's
+"labelled" records F, the seed and the counts per class"""
+
+LABELLED_KEYS_HELP = """\
+keep the labels of the inputs FILE names (one per line, blank lines ignored) and store every other
+sample with label -1; instead of --label-fraction. A line names inputs by, first, the input as SOURCE
+lists it (path relative to the SOURCE folder, e.g. n01440764/n01440764_10026.JPEG; the path as a list
+writes it; builtin:digits#5), else by file name (n01440764_10026.JPEG: SimCLR's 1%%/10%% ImageNet
+subset files work as they are; a name shared by several inputs is refused), else by sample key of
+this build (000000042, as inspect shows it; keys follow --seed). A line that names no input is an
+error, before anything is written. Local path or fsspec URL"""
 
 
 def parse_size(text: str) -> int:
@@ -115,7 +134,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="parallel worker processes (default 1); work is split by shard, so a set needs >= 2 shards per worker",
     )
-    b.add_argument("--seed", type=int, default=0, help="seed of the input shuffle (default 0)")
+    b.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the input shuffle and of --label-fraction's choice (default 0)",
+    )
     b.add_argument("--max-side", type=int, default=None, help="downscale so the longer side is at most this")
     b.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
     b.add_argument(
@@ -132,6 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--digits-size", type=int, default=32, help="builtin:digits side in pixels (default 32)")
     b.add_argument("--photos-count", type=int, default=None, help="builtin:photos crops (default 2000)")
     b.add_argument("--masks", metavar="DIR", help=MASKS_HELP)
+    b.add_argument("--label-fraction", metavar="F", type=float, default=None, help=LABEL_FRACTION_HELP)
+    b.add_argument("--labelled-keys", metavar="FILE", default=None, help=LABELLED_KEYS_HELP)
     _storage_args(b)
     _progress_args(b)
 
@@ -235,6 +261,11 @@ def _build(args: argparse.Namespace) -> int:
         masks_storage_options=_options(args.masks, args)
         if args.masks and storage.is_remote(args.masks)
         else None,
+        label_fraction=args.label_fraction,
+        labelled_keys=args.labelled_keys,
+        labelled_keys_storage_options=_options(args.labelled_keys, args)
+        if args.labelled_keys and storage.is_remote(args.labelled_keys)
+        else None,
     )
     seconds = time.perf_counter() - start
     print(
@@ -246,6 +277,12 @@ def _build(args: argparse.Namespace) -> int:
         print(
             f"masks: {m.masks['samples']:,} stored, {m.masks['missing']:,} inputs without a mask, "
             f"{m.masks['rejected']:,} masks rejected (listed below with the inputs)"
+        )
+    if m.labelled is not None:
+        p = m.labelled
+        print(
+            f"labels: {p['labelled']:,} samples keep theirs, {p['unlabelled']:,} stored unlabelled (-1); "
+            + ", ".join(f"{c}: {n:,}" for c, n in p["per_class"].items())
         )
     print(f"rejected {len(m.rejected):,} inputs" + (" (reasons in manifest.json):" if m.rejected else ""))
     for r in m.rejected[:10]:

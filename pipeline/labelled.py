@@ -37,8 +37,13 @@ def load_labelled_images(
     size: int | None = None,
     max_samples: int | None = None,
     storage_options: dict[str, Any] | None = None,
+    unlabelled: str = "error",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every labelled sample of the shard set at ``url`` -> ``(uint8 [N, 3, S, S], int64 labels [N])``.
+
+    ``unlabelled``: what a sample without a label (-1, e.g. in a partly labelled set built with
+    ``--label-fraction``) is: ``"error"`` (the default: an evaluation set must be labelled) or
+    ``"skip"`` (evaluate on the labelled part; ``max_samples`` counts the labelled samples kept).
 
     Shards are read in manifest order, samples in tar order (deterministic, no shuffling, no
     padding); ``max_samples`` keeps the first N. Images are decoded with PIL as RGB and, when ``size``
@@ -46,6 +51,8 @@ def load_labelled_images(
     the same size. A sample without an image or a readable label raises ``ValueError`` naming the
     shard and key, as does a shard holding fewer samples than its manifest lists.
     """
+    if unlabelled not in ("error", "skip"):
+        raise ValueError(f"unlabelled: expected 'error' or 'skip', got {unlabelled!r}")
     manifest = load_manifest(url, storage_options)
     if not manifest.has_labels:
         raise ValueError(
@@ -65,6 +72,8 @@ def load_labelled_images(
                 if ext is None:
                     raise ValueError(f"{shard}: sample {sample.key!r} has no .{manifest.image_ext} image")
                 label = rule.parse(sample.parts)
+                if label is not None and label < 0 and unlabelled == "skip":
+                    continue
                 if label is None or label < 0:
                     raise ValueError(f"{shard}: sample {sample.key!r} has no readable .{rule.ext} label")
                 with Image.open(io.BytesIO(sample.parts[ext])) as img:
@@ -86,6 +95,24 @@ def load_labelled_images(
         if found != info.samples:
             raise ValueError(f"{shard}: {found} samples in the tar, the manifest lists {info.samples}")
     if not images:
-        raise ValueError(f"{manifest.url}: no samples")
+        raise ValueError(f"{manifest.url}: no {'labelled ' if unlabelled == 'skip' else ''}samples")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(labels, dtype=torch.int64)
+
+
+def load_labels(url: str, *, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
+    """``{sample key: label}`` of every labelled sample of the shard set at ``url``, read without
+    decoding an image (the label members only); unlabelled samples (-1) are left out."""
+    manifest = load_manifest(url, storage_options)
+    if not manifest.has_labels:
+        raise ValueError(f"{manifest.url}: the shards carry no labels (label_ext is null)")
+    rule = manifest.labels
+    out: dict[str, int] = {}
+    for i in range(len(manifest.shards)):
+        shard = manifest.shard_url(i)
+        with storage.open_stream(shard, storage_options) as f:
+            for sample in samples(tar_members(f), {rule.ext}, shard=shard):
+                label = rule.parse(sample.parts)
+                if label is not None and label >= 0:
+                    out[sample.key] = label
+    return out

@@ -28,8 +28,9 @@ DALI's ``decoders.image(device="mixed")``) accepts baseline only; progressive on
 slower CUDA/CPU path (NVIDIA nvJPEG docs, "Hardware Decode").
 
 Tar layout: members ``{key}.jpg``, ``{key}.mask.png`` (with ``masks``, when the input has one),
-``{key}.cls`` (decimal class index, when labelled), ``{key}.json`` (``{"source", "original_size",
-"label"}``), in that order, USTAR headers with fixed metadata (mtime 0, uid/gid 0, mode 0444, no user
+``{key}.cls`` (decimal class index, when labelled; ``-1`` for a sample left unlabelled by
+``--label-fraction``/``--labelled-keys``), ``{key}.json`` (``{"source", "original_size", "label"}``), in
+that order, USTAR headers with fixed metadata (mtime 0, uid/gid 0, mode 0444, no user
 names) and no record padding, so the same inputs give byte-identical shards.
 
 Saliency masks (``masks=DIR``, ``--masks DIR``; :mod:`pipeline.shards.masks`): DIR is listed once
@@ -47,6 +48,13 @@ not its image's is listed in the manifest's ``rejected`` (its path, and the reas
 ``MASK_REJECTED``) and counted (``masks["rejected"]``), its image stored without a mask. The mask
 listing, the masks directory and each input's mask path are part of the chunk digests, so resuming
 stays exact.
+
+Partly labelled sets (``label_fraction=F`` / ``labelled_keys=FILE``; :mod:`pipeline.shards.partial_labels`):
+the labelled inputs are chosen from the listing in the main process before anything is written (so
+workers and chunking cannot change the choice), every other input keeps its place and key but is
+stored with label ``-1``; the options and each input's label are part of the chunk digests. Labels are
+chosen among the listed inputs: one that is later rejected (unreadable, not an image) is simply not
+stored, and ``Manifest.labelled`` counts the samples actually stored.
 """
 
 from __future__ import annotations
@@ -73,7 +81,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline import storage
-from pipeline.shards import dali_index, images
+from pipeline.shards import dali_index, images, partial_labels
 from pipeline.shards import format as shard_format
 from pipeline.shards import masks as shard_masks
 from pipeline.shards.format import TarShardWriter
@@ -211,9 +219,15 @@ class Part:
 _counters: tuple[Any, Any] | None = None  # (samples, bytes) shared with the main process's progress bar
 
 
-def _init_worker(counters: tuple[Any, Any] | None) -> None:
+def _init_worker(counters: tuple[Any, Any] | None, environ: dict[str, str] | None = None) -> None:
+    """A pool worker's set-up: the shared progress counters and the parent's environment as it is
+    now. A ``forkserver`` hands its children the environment the server started with, which may be
+    older than the caller's (credentials or an endpoint set since, e.g. in a notebook or a test)."""
     global _counters
     _counters = counters
+    if environ is not None:
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 _pending = [0, 0, 0.0]  # samples and bytes not yet added to the shared counters, time of last flush
@@ -498,11 +512,20 @@ def build_shards(
     source_storage_options: dict[str, Any] | None = None,
     masks: str | None = None,
     masks_storage_options: dict[str, Any] | None = None,
+    label_fraction: float | None = None,
+    labelled_keys: str | None = None,
+    labelled_keys_storage_options: dict[str, Any] | None = None,
 ) -> Manifest:
     """Build shards from SOURCE into OUT (local dir or fsspec URL) and return the saved manifest.
 
     ``masks``: a directory (local or fsspec URL) of saliency masks for the inputs (module doc), read
     with ``masks_storage_options`` (default: from its URL, like SOURCE's).
+
+    ``label_fraction`` (0 < F <= 1) or ``labelled_keys`` (a text file, local or fsspec URL, read with
+    ``labelled_keys_storage_options``), not both: a partly labelled set
+    (:mod:`pipeline.shards.partial_labels`); every other sample is stored with label -1, and the
+    manifest's ``labelled`` records the choice. Bad values raise
+    :class:`~pipeline.shards.partial_labels.LabelSubsetError` before OUT is touched.
 
     ``progress``: a tqdm bar on stderr; ``None`` shows it when stderr is a terminal. Raises
     :class:`~pipeline.shards.sources.SourceError` for an unusable SOURCE, :class:`BuildError` for an
@@ -521,6 +544,13 @@ def build_shards(
         raise ValueError(f"max_pixels must be >= 1, got {max_pixels}")
     if not prefix or "/" in prefix or any(c.isspace() for c in prefix):
         raise ValueError(f"prefix must be a non-empty name without '/' or spaces, got {prefix!r}")
+    if label_fraction is not None and labelled_keys is not None:
+        raise partial_labels.LabelSubsetError(
+            "--label-fraction and --labelled-keys exclude each other: choose the labelled samples by "
+            "one of them"
+        )
+    if label_fraction is not None:
+        partial_labels.check_fraction(label_fraction)
 
     options = dict(storage_options) if storage_options is not None else storage.storage_options(out)
     if source_storage_options is not None:
@@ -553,11 +583,38 @@ def build_shards(
             mask_dir = shard_masks.find_masks(masks, mask_options)
         except FileNotFoundError as e:
             raise BuildError(str(e)) from None
+
+    order = np.random.default_rng(seed).permutation(len(src.items))
+    items = src.items
+    subset = None
+    if label_fraction is not None or labelled_keys is not None:
+        option = "--label-fraction" if label_fraction is not None else "--labelled-keys"
+        if src.classes is None:
+            raise partial_labels.LabelSubsetError(
+                f"{option} needs a labelled SOURCE; {source} has no labels (a folder without class "
+                f"sub-folders, a list without a label column, or builtin:photos)"
+            )
+        if label_fraction is not None:
+            subset = partial_labels.fraction_subset(src.items, label_fraction, seed)
+        else:
+            assert labelled_keys is not None
+            if labelled_keys_storage_options is not None:
+                keys_options = dict(labelled_keys_storage_options)
+            elif storage.is_remote(labelled_keys) and storage.protocol(labelled_keys) == storage.protocol(
+                source
+            ):
+                keys_options = src_options
+            else:
+                keys_options = storage.storage_options(labelled_keys)
+            entries = partial_labels.read_keys_file(labelled_keys, keys_options)
+            subset = partial_labels.keys_subset(
+                src.items, entries, order.tolist(), _public_source(labelled_keys)
+            )
+        items = partial_labels.apply_subset(src.items, subset)
     _check_writable(out, options)
     _clean_stale_tmp(out)
 
-    order = np.random.default_rng(seed).permutation(len(src.items))
-    shuffled = [(int(p), src.items[int(i)]) for p, i in enumerate(order)]
+    shuffled = [(int(p), items[int(i)]) for p, i in enumerate(order)]
     encoding = {
         "format": "jpeg",
         "progressive": False,
@@ -588,6 +645,8 @@ def build_shards(
     plan_facts: dict[str, Any] = {"encoding": encoding, "classes": src.classes, "index": index, "version": 1}
     if masks is not None:
         plan_facts["masks"] = {"dir": _public_source(masks), "version": 1}
+    if subset is not None:  # the per-input labels below carry the choice too
+        plan_facts["labelled"] = {**subset.settings(), "version": 1}
     base = _digest(plan_facts)
     receipts = _load_receipts(out, options)
     tasks = []
@@ -627,6 +686,9 @@ def build_shards(
         label_ext="cls" if src.classes is not None else None,
         classes=src.classes,
         class_counts={c: counts.get(i, 0) for i, c in enumerate(src.classes)} if src.classes else None,
+        labelled=None
+        if subset is None
+        else partial_labels.manifest_record(subset, counts, src.classes or []),
         encoding={**encoding, **stats},
         source=_public_source(source),
         rejected=rejected,
@@ -713,7 +775,7 @@ def _run_tasks(
             # garbage collections, which would otherwise touch (and so copy) every page of it.
             gc.freeze()
             with cf.ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=_init_worker, initargs=(counters,)
+                workers, mp_context=ctx, initializer=_init_worker, initargs=(counters, dict(os.environ))
             ) as pool:
                 pending = {pool.submit(run_chunk, job, t, t.chunk if direct else None) for t in tasks}
                 gc.unfreeze()
@@ -964,7 +1026,10 @@ def _run_mask_tasks(job: MaskJob, workers: int, progress: bool | None) -> list[d
             ctx = _pool_context()
             counters = (ctx.Value("q", 0), ctx.Value("q", 0))
             with cf.ProcessPoolExecutor(
-                min(workers, n), mp_context=ctx, initializer=_init_worker, initargs=(counters,)
+                min(workers, n),
+                mp_context=ctx,
+                initializer=_init_worker,
+                initargs=(counters, dict(os.environ)),
             ) as pool:
                 pending = {pool.submit(_mask_shard, job, i): i for i in range(n)}
                 bar = open_bar()

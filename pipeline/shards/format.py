@@ -22,7 +22,8 @@ back after another one (``tar cf`` of a directory lists files in directory order
 
 Our writer (``relic shards build``) stores ``{key}.jpg`` (RGB JPEG), ``{key}.mask.png`` (its saliency
 mask, when it has one: :mod:`pipeline.shards.masks` owns that member), ``{key}.cls`` (decimal class
-index, when labelled) and ``{key}.json`` (source, original size, label), in that order.
+index, when labelled; ``-1`` for a sample left unlabelled in a partly labelled set,
+:mod:`pipeline.shards.partial_labels`) and ``{key}.json`` (source, original size, label), in that order.
 
 Labels. :class:`LabelRule` says where a sample's class is (``.cls`` text, or a field of ``.json``) and
 how to read it: an integer index, a decimal string, or a class name listed in the manifest's

@@ -39,7 +39,19 @@ def summary(manifest: Manifest) -> dict[str, Any]:
         "rejected": len(manifest.rejected),
         "masks": int((manifest.masks or {}).get("samples", 0)),
         "mask_method": (manifest.masks or {}).get("method"),
+        "labelled": dict(manifest.labelled) if manifest.labelled is not None else None,
     }
+
+
+def _partial_labels(m: Manifest) -> str:
+    """The ``partial labels`` row: how many samples keep their label and how they were chosen."""
+    p = m.labelled or {}
+    n, u = int(p.get("labelled", 0)), int(p.get("unlabelled", 0))
+    if p.get("keys_file"):
+        how = f"--labelled-keys {p['keys_file']}"
+    else:
+        how = f"--label-fraction {p.get('fraction')} --seed {p.get('seed')}, class-balanced"
+    return f"{n:,} labelled, {u:,} unlabelled (-1) = {100 * n / max(1, n + u):.1f}% labelled; {how}"
 
 
 def inspect_shards(url: str, *, storage_options: dict[str, Any] | None = None, keys: int = 5) -> str:
@@ -69,15 +81,20 @@ def inspect_shards(url: str, *, storage_options: dict[str, Any] | None = None, k
         ),
         ("rejected inputs", f"{s['rejected']:,}"),
     ]
+    if m.labelled is not None:
+        rows.insert(-1, ("partial labels", _partial_labels(m)))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     if m.classes:
         lines.append(f"\nclasses ({len(m.classes)}):")
-        cw = max(len(c) for c in m.classes)
+        cw = max(len(c) for c in [*m.classes, *(["-1"] if m.labelled is not None else [])])
         total = max(1, m.total_samples)
         for c in m.classes:
             n = (m.class_counts or {}).get(c, 0)
             lines.append(f"  {c.ljust(cw)}  {n:>9,}  {100 * n / total:5.1f}%")
+        if m.labelled is not None:
+            n = int(m.labelled.get("unlabelled", 0))
+            lines.append(f"  {'-1'.ljust(cw)}  {n:>9,}  {100 * n / total:5.1f}%  (unlabelled)")
     if m.rejected:
         lines.append("\nfirst rejected inputs:")
         lines.extend(f"  {r.input}: {r.reason}" for r in m.rejected[:5])

@@ -9,6 +9,12 @@ directory, so a shard set can be copied between a local disk and a bucket unchan
 without (and for manifests written before masks existed), else ``{"member": "mask.png", "samples":
 samples with a mask, "method": "given:DIR" | "spectral_residual" | "indexed", "rejected": masks
 refused (their images kept, each listed in ``rejected``), "missing": samples without a mask}``.
+
+``labelled`` says whether only some samples keep their class (:mod:`pipeline.shards.partial_labels`):
+``None`` when every sample of a labelled set carries its label (and for manifests written before
+partial labels existed), else ``{"fraction": F | None, "seed": S | None, "keys_file": FILE | None,
+"labelled": samples with a class, "unlabelled": samples with label -1, "per_class": {class name:
+labelled samples}}``. ``class_counts`` then counts the labelled samples only.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class Manifest:
     source: str = ""  # what was built from (never contains credentials)
     rejected: list[Rejected] = field(default_factory=list)
     masks: dict[str, Any] | None = None  # saliency masks (module doc); None: the set has none
+    labelled: dict[str, Any] | None = None  # partly labelled set (module doc); None: all labelled
     created_by: str = "relic-ssl"
     format_version: int = FORMAT_VERSION
     # Where this manifest was loaded from; not serialised. Shard URLs are resolved against it.
@@ -67,6 +74,8 @@ class Manifest:
             )
         if self.masks is not None and self.masks.get("member", MASK_EXT) != MASK_EXT:
             raise ValueError(f"manifest masks.member must be {MASK_EXT!r}, got {self.masks.get('member')!r}")
+        if self.labelled is not None and self.label_ext is None:
+            raise ValueError("manifest labelled describes partial labels, but label_ext is null (no labels)")
 
     @property
     def total_samples(self) -> int:
@@ -84,6 +93,11 @@ class Manifest:
     def has_masks(self) -> bool:
         """Whether samples of this set carry saliency masks (``{key}.mask.png``) for readers to use."""
         return self.masks is not None and int(self.masks.get("samples", 0)) > 0
+
+    @property
+    def partly_labelled(self) -> bool:
+        """Whether some samples of this labelled set are stored unlabelled (label -1) on purpose."""
+        return self.labelled is not None and int(self.labelled.get("unlabelled", 0)) > 0
 
     @property
     def labels(self) -> LabelRule:

@@ -4,7 +4,9 @@ Every listed shard must exist with the recorded byte size and sha256 and hold th
 samples, each with an image member (and a valid class index when the set is labelled); listed DALI
 index files must exist and describe the shard exactly. Every saliency mask member must pass
 :func:`~pipeline.shards.masks.mask_problem` (a PNG, 8-bit greyscale, its image's aspect ratio), and the
-masks of samples with an image must number what the manifest's ``masks["samples"]`` says. ``decode=True`` also decodes every
+masks of samples with an image must number what the manifest's ``masks["samples"]`` says. In a partly
+labelled set (``Manifest.labelled``) the samples with label -1 must number its ``unlabelled`` and
+``class_counts`` must sum to the others. ``decode=True`` also decodes every
 image and mask with PIL. Shards are checked in parallel threads (I/O and hashing release the GIL).
 """
 
@@ -38,9 +40,10 @@ def verify_shard(
     decode: bool = False,
     options: dict[str, Any] | None = None,
     masks: list[int] | None = None,
+    unlabelled: list[int] | None = None,
 ) -> list[Problem]:
-    """The problems of shard ``i``; ``masks``, when given, gets the number of its mask members
-    appended."""
+    """The problems of shard ``i``; ``masks`` and ``unlabelled``, when given, get the number of its
+    mask members and of its samples with label -1 appended."""
     info = manifest.shards[i]
     rule = manifest.labels
     read = {rule.ext} if rule.ext else set()
@@ -49,7 +52,7 @@ def verify_shard(
     read.add(MASK_EXT)
     problems: list[Problem] = []
     scan = ShardScan(manifest.shard_url(i), options, read=read)
-    samples = masked = 0
+    samples = masked = no_label = 0
     try:
         for sample in scan:
             samples += 1
@@ -70,7 +73,9 @@ def verify_shard(
                 bad = mask_problem(sample.parts[MASK_EXT], size, "decode" if decode else True)
                 if bad is not None:
                     problems.append(Problem(info.name, f"sample {sample.key}: bad mask: {bad[1]}"))
-            if rule.ext and rule.parse(sample.parts) is None:
+            label = rule.parse(sample.parts) if rule.ext else None
+            no_label += label == -1
+            if rule.ext and label is None:
                 n = len(manifest.classes or [])
                 problems.append(
                     Problem(
@@ -92,6 +97,8 @@ def verify_shard(
         problems.append(Problem(info.name, f"{samples} samples, manifest says {info.samples}"))
     if masks is not None:
         masks.append(masked)
+    if unlabelled is not None:
+        unlabelled.append(no_label)
     if info.index:
         idx_url = storage.join(storage.dirname(manifest.url or ""), info.index)
         try:
@@ -117,21 +124,51 @@ def verify_shards(
     except (FileNotFoundError, ValueError) as e:
         return [Problem("manifest.json", str(e))]
     problems: list[Problem] = []
-    if sum((manifest.class_counts or {}).values()) not in (0, manifest.total_samples):
+    partial = manifest.labelled
+    expected_labelled = manifest.total_samples - int((partial or {}).get("unlabelled", 0))
+    if sum((manifest.class_counts or {}).values()) not in (0, expected_labelled):
         problems.append(
             Problem(
                 "manifest.json",
                 f"class_counts sum to {sum(manifest.class_counts.values())}, "
-                f"shards hold {manifest.total_samples} samples",
+                f"shards hold {expected_labelled} labelled samples",
             )
         )
+    if partial is not None:
+        recorded = sum(int(v) for v in (partial.get("per_class") or {}).values())
+        if recorded != partial.get("labelled") or manifest.class_counts not in (
+            None,
+            partial.get("per_class"),
+        ):
+            problems.append(
+                Problem(
+                    "manifest.json",
+                    f"labelled.per_class sums to {recorded}, labelled.labelled says "
+                    f"{partial.get('labelled')}; class_counts must equal labelled.per_class",
+                )
+            )
     mask_counts: list[int] = []
+    unlabelled_counts: list[int] = []
     with cf.ThreadPoolExecutor(max(1, workers)) as pool:
         for found in pool.map(
-            lambda i: verify_shard(manifest, i, decode=decode, options=options, masks=mask_counts),
+            lambda i: verify_shard(
+                manifest, i, decode=decode, options=options, masks=mask_counts, unlabelled=unlabelled_counts
+            ),
             range(len(manifest.shards)),
         ):
             problems.extend(found)
+    if (
+        partial is not None
+        and len(unlabelled_counts) == len(manifest.shards)
+        and sum(unlabelled_counts) != int(partial.get("unlabelled", 0))
+    ):
+        problems.append(
+            Problem(
+                "manifest.json",
+                f"{sum(unlabelled_counts)} samples carry label -1 (unlabelled), manifest's labelled says "
+                f"{partial.get('unlabelled', 0)}",
+            )
+        )
     expected = int((manifest.masks or {}).get("samples", 0))
     if len(mask_counts) == len(manifest.shards) and sum(mask_counts) != expected:
         problems.append(
