@@ -96,8 +96,17 @@ class ModelConfig:
 
 @dataclass(kw_only=True, config=SECTION_CONFIG)
 class ObjectiveConfig:
-    """The ReLIC objective (DESIGN.md, "The objective") and its target network."""
+    """The ReLIC objective (DESIGN.md, "The objective") and its target network, or SemPPL on top of it."""
 
+    name: Literal["relic", "semppl"] = "relic"
+    """"relic": ReLIC / ReLICv2 (``training.loss.relic_loss``). "semppl": SemPPL (Bosnjak et al., ICLR
+    2023, arXiv 2301.05158; ``training.semppl``): ReLIC plus a contrastive term towards *semantic
+    positives*, rows of the batch or of a queue of labelled target projections that share the
+    anchor's label or kNN pseudo-label (verified from the paper's Figure 1 and Appendix C: semantic
+    positives queried from a queue of projected labelled data, used in the contrastive loss along the
+    augmentation positives, pseudo-labels by a k-NN over projected labelled data; every number and
+    the exact form of the term are our design). Needs the batch's labels (-1 = unlabelled) and
+    ``negatives`` None."""
     temperature: PositiveFloat = 0.1
     """Softmax temperature tau of the cosine logits (ReLICv2: 0.1)."""
     alpha: NonNegativeFloat = 1.0
@@ -126,6 +135,34 @@ class ObjectiveConfig:
     of the contrast set (gathered global batch and queue), one draw per anchor and step shared by all
     view pairs; at most the contrast set's size minus one (with a queue, the rows filled so far: the
     first step has only the global batch). None uses every row of the contrast set."""
+    semppl_queue_size: PositiveInt = 2560
+    """SemPPL only: rows of the FIFO of labelled target projections (one row set per large view, with
+    their labels) that pseudo-labels are voted from and semantic positives drawn from, filled with
+    every labelled row of each gathered batch. Assumed, not from the paper: 2560 keeps ~2.5 rows per
+    ImageNet class while holding only recent projections of the moving target; small runs want far
+    fewer."""
+    semppl_knn_k: PositiveInt = 1
+    """SemPPL only: k of the k-NN vote that pseudo-labels an unlabelled sample from the labelled queue
+    (cosine similarity, per large view, votes pooled over the views). Assumed, not from the paper:
+    1, the nearest labelled row per view."""
+    semppl_positives: PositiveInt = 3
+    """SemPPL only: n_s, semantic positives drawn per anchor, uniformly without replacement, from the
+    batch and labelled-queue rows sharing its (pseudo-)label (fewer when fewer exist). Assumed, not
+    from the paper: a few, small beside the |P| augmentation pairs."""
+    semppl_weight: NonNegativeFloat = 0.2
+    """SemPPL only: weight of the semantic term, ``total = contrastive + semppl_weight * semantic +
+    alpha * invariance``. Assumed, not from the paper: 0.2, the value a third-party reimplementation
+    uses; 0 keeps the pseudo-labels (for monitoring) without their loss."""
+
+    @field_validator("negatives")
+    @classmethod
+    def _no_subsampling_with_semppl(cls, negatives: int | None, info: ValidationInfo) -> int | None:
+        if negatives is not None and info.data.get("name") == "semppl":
+            raise ValueError(
+                "expected None with name='semppl' (semantic positives must stay in every anchor's "
+                "softmax, which a subsampled candidate set would not guarantee)"
+            )
+        return negatives
 
     @field_validator("final_momentum")
     @classmethod

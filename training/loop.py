@@ -1,10 +1,11 @@
-"""One ReLIC training step on a ``TrainState``, and the state's exact save/restore.
+"""One ReLIC (or SemPPL) training step on a ``TrainState``, and the state's exact save/restore.
 
 Batches are anything with the attributes of :class:`Batch` (``pipeline.loader.ViewBatch`` in
-production): the views, the large ones first, and how many are large. The cluster layer may replace ``state.model`` by
-``DistributedDataParallel(state.model)``: the online forward then goes through the wrapper (one
-forward per backward, so DDP's gradient averaging applies), while the EMA update, the optimiser and
-checkpoints use the unwrapped module (``state.online``).
+production): the views, the large ones first, how many are large, and (SemPPL only) the labels.
+The cluster layer may replace ``state.model`` by ``DistributedDataParallel(state.model)``: the
+online forward then goes through the wrapper (one forward per backward, so DDP's gradient averaging
+applies), while the EMA update, the optimiser and checkpoints use the unwrapped module
+(``state.online``).
 
 Single process::
 
@@ -34,6 +35,7 @@ from training.config import ModelConfig, ObjectiveConfig, OptimConfig, ScheduleC
 from training.loss import LossTerms, relic_loss
 from training.model import EMATarget, build_model
 from training.optim import build_optimizer, lr_schedule, momentum_schedule
+from training.semppl import SemPPLTerms, draw_semantic_positives, knn_pseudo_labels, semppl_loss
 
 
 class Batch(Protocol):
@@ -43,6 +45,9 @@ class Batch(Protocol):
     """``[B, 3, H_v, W_v]`` per view; the first ``num_large`` are the large (target) views, all of one
     shape."""
     num_large: int
+    labels: torch.Tensor
+    """``[B]`` integer labels, -1 = unlabelled (``ViewBatch.labels``). Read by the SemPPL objective
+    only (``objective.name == "semppl"``, which refuses a batch without them); ReLIC ignores them."""
 
 
 Objective = Callable[[list[torch.Tensor], list[torch.Tensor]], LossTerms]
@@ -73,7 +78,8 @@ class TrainState:
     """bf16 autocast of the forward pass (CUDA only)."""
     grad_clip: float | None = None
     seed: int = 0
-    """The run's seed (``build_train_state``'s); with the step and rank it seeds the negatives' draw."""
+    """The run's seed (``build_train_state``'s); with the step and rank it seeds the negatives' draw,
+    with the step alone SemPPL's draw of semantic positives."""
     step: int = 0
     """Optimiser steps taken (global, across epochs)."""
     samples_seen: int = 0
@@ -91,6 +97,20 @@ class TrainState:
     """Valid rows of ``queue`` (grows to queue_size)."""
     queue_ptr: int = 0
     """Next row of ``queue`` to overwrite."""
+    semppl_queue: torch.Tensor | None = None
+    """SemPPL's labelled queue: FIFO ring buffer [Vt, semppl_queue_size, D] of the L2-normalised
+    target projections of earlier labelled rows (every rank's, in gathered order: identical on every
+    rank); allocated on first use. Its filled rows are the first ``semppl_len``."""
+    semppl_labels: torch.Tensor | None = None
+    """[semppl_queue_size] int64 labels of ``semppl_queue``'s rows, -1 for an empty slot."""
+    semppl_len: int = 0
+    """Filled rows of ``semppl_queue`` (grows to semppl_queue_size)."""
+    semppl_ptr: int = 0
+    """Next row of ``semppl_queue`` to overwrite."""
+    pseudo_labels: torch.Tensor | None = None
+    """SemPPL: the last step's (pseudo-)labels of this rank's B samples, [B] int64 (the label of a
+    labelled sample, the kNN vote of an unlabelled one, -1 where the labelled queue was still
+    empty), for monitoring; None before a SemPPL step. Not saved (a function of the step)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Caller-owned values saved with the state (e.g. the cluster's data-loader position)."""
 
@@ -126,6 +146,10 @@ class TrainState:
             "queue": None if self.queue is None else self.queue.clone(),  # not the whole contrast buffer
             "queue_len": self.queue_len,
             "queue_ptr": self.queue_ptr,
+            "semppl_queue": None if self.semppl_queue is None else self.semppl_queue.clone(),
+            "semppl_labels": None if self.semppl_labels is None else self.semppl_labels.clone(),
+            "semppl_len": self.semppl_len,
+            "semppl_ptr": self.semppl_ptr,
             "extra": self.extra,
             "rng": rng_state(),
         }
@@ -154,6 +178,13 @@ class TrainState:
         self.contrast = None
         self.queue_len = state["queue_len"]
         self.queue_ptr = state["queue_ptr"]
+        # .get: checkpoints written before SemPPL existed hold no labelled queue
+        sem_queue, sem_labels = state.get("semppl_queue"), state.get("semppl_labels")
+        self.semppl_queue = None if sem_queue is None else sem_queue.to(self.device, copy=True)
+        self.semppl_labels = None if sem_labels is None else sem_labels.to(self.device, copy=True)
+        self.semppl_len = state.get("semppl_len", 0)
+        self.semppl_ptr = state.get("semppl_ptr", 0)
+        self.pseudo_labels = None
         self.extra = dict(state["extra"])
         set_rng_state(state["rng"])
 
@@ -263,19 +294,8 @@ def relic_objective(
     queue rows filled so far; while the queue fills, an ``n_e`` above those rows minus one uses them all.
     """
     cfg = state.objective
-    local = torch.stack(target, dim=1)  # [B, Vt, D]: one collective for all target views
-    gathered = distributed.gather(local) if state.target is not None else distributed.gather_with_grad(local)
-    gathered = gathered.transpose(0, 1)  # [Vt, N, D]
-    if cfg.queue_size:
-        # The normalised batch goes in front of the (normalised) queue in one buffer: no per-step
-        # copy or normalisation of the queue. The buffer is used through a fresh detached alias,
-        # so this step's autograd history (the in-place copy) never sticks to ``state.contrast``.
-        buffer = _contrast_buffer(state, gathered).detach()
-        rows = gathered.shape[1]
-        buffer[:, :rows] = F.normalize(gathered, dim=-1)
-        contrast = buffer[:, : rows + state.queue_len]
-    else:
-        contrast = F.normalize(gathered, dim=-1)
+    gathered = _gather_targets(state, target)
+    contrast = _contrast_set(state, gathered)
     terms = relic_loss(
         online,
         contrast,
@@ -289,6 +309,104 @@ def relic_objective(
         generator=None if cfg.negatives is None else _negatives_generator(state, contrast.device),
     )
     return terms, contrast[:, : gathered.shape[1]].detach()
+
+
+def _gather_targets(state: TrainState, target: list[torch.Tensor]) -> torch.Tensor:
+    """[Vt, N, D] target projections of every rank (with gradient when the target is the online network)."""
+    local = torch.stack(target, dim=1)  # [B, Vt, D]: one collective for all target views
+    gathered = distributed.gather(local) if state.target is not None else distributed.gather_with_grad(local)
+    return gathered.transpose(0, 1)  # [Vt, N, D]
+
+
+def _contrast_set(state: TrainState, gathered: torch.Tensor) -> torch.Tensor:
+    """The normalised gathered batch [Vt, N, D], followed by the queue's filled rows if there is a queue."""
+    if not state.objective.queue_size:
+        return F.normalize(gathered, dim=-1)
+    # The normalised batch goes in front of the (normalised) queue in one buffer: no per-step copy or
+    # normalisation of the queue. The buffer is used through a fresh detached alias, so this step's
+    # autograd history (the in-place copy) never sticks to ``state.contrast``.
+    buffer = _contrast_buffer(state, gathered).detach()
+    rows = gathered.shape[1]
+    buffer[:, :rows] = F.normalize(gathered, dim=-1)
+    return buffer[:, : rows + state.queue_len]
+
+
+def semppl_objective(
+    state: TrainState, online: list[torch.Tensor], target: list[torch.Tensor], labels: torch.Tensor
+) -> tuple[SemPPLTerms, torch.Tensor, torch.Tensor]:
+    """SemPPL (``training.semppl``): gather targets and labels, pseudo-label, draw, ``semppl_loss``.
+
+    Returns the terms, the gathered normalised targets [Vt, N, D] (detached, for both queues) and the
+    gathered labels [N]; sets ``state.pseudo_labels`` to this rank's slice of the pseudo-labels.
+
+    1. Gather the targets (as ``relic_objective``) and the labels ``labels`` [B] (one more collective).
+    2. Contrast set: the normalised gathered batch, the MoCo queue's filled rows (``queue_size`` > 0),
+       then the labelled queue's ``semppl_len`` filled rows (none while it is empty, so that without
+       labels the contrast set, hence the loss, is ReLIC's exactly).
+    3. Pseudo-labels of the N gathered rows: ``knn_pseudo_labels`` against the labelled queue with
+       ``semppl_knn_k``; identical on every rank.
+    4. Semantic positives of the N gathered rows: ``draw_semantic_positives`` with ``semppl_positives``
+       from a generator seeded by (``state.seed``, step) alone — not the rank — so every rank draws
+       the same [N, n_s] and takes its own anchors' rows ``[rank * B, (rank + 1) * B)``: the
+       selection does not depend on the number of ranks.
+    5. ``semppl_loss`` with ``semantic_denominator`` = (anchors with a positive among all N) / world,
+       so the mean over ranks is the global batch's mean.
+    """
+    cfg = state.objective
+    if cfg.negatives is not None:
+        raise ValueError(
+            "objective.negatives must be None with objective.name='semppl' (semantic positives must "
+            f"stay in every anchor's softmax), got {cfg.negatives}"
+        )
+    batch = online[0].shape[0]
+    gathered = _gather_targets(state, target)
+    all_labels = distributed.gather(labels.to(gathered.device, torch.long))  # [N]
+    contrast = _contrast_set(state, gathered)
+    rows = gathered.shape[1]
+    queue_offset = contrast.shape[1]
+    if state.semppl_queue is not None and state.semppl_len > 0:
+        sem_rows = state.semppl_queue[:, : state.semppl_len]
+        sem_labels = state.semppl_labels[: state.semppl_len]
+        contrast = torch.cat([contrast, sem_rows.to(contrast.dtype)], dim=1)
+    else:
+        dim = gathered.shape[2]
+        sem_rows = gathered.new_zeros(gathered.shape[0], 0, dim)
+        sem_labels = all_labels.new_zeros(0)
+    with torch.no_grad():
+        pseudo = knn_pseudo_labels(
+            contrast[:, :rows].detach(), all_labels, sem_rows, sem_labels, cfg.semppl_knn_k
+        )
+        positives = draw_semantic_positives(
+            pseudo,
+            sem_labels,
+            cfg.semppl_positives,
+            queue_offset=queue_offset,
+            generator=_semppl_generator(state, contrast.device),
+        )
+    offset = distributed.rank() * batch
+    anchors_with_positives = int((positives >= 0).any(1).sum())
+    terms = semppl_loss(
+        online,
+        contrast,
+        positives=positives[offset : offset + batch],
+        temperature=cfg.temperature,
+        alpha=cfg.alpha,
+        weight=cfg.semppl_weight,
+        offset=offset,
+        kl_stop_grad=cfg.kl_stop_grad,
+        target_normalized=True,
+        pairs=cfg.pairs,
+        semantic_denominator=max(anchors_with_positives, 1) / distributed.world_size(),
+    )
+    state.pseudo_labels = pseudo[offset : offset + batch].clone()
+    return terms, contrast[:, :rows].detach(), all_labels
+
+
+def _semppl_generator(state: TrainState, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded by (run seed, step) alone, identical on every rank: the
+    negatives' seed (``_negatives_generator``) with the rank slot 1_000_002, which no rank uses."""
+    seed = ((state.seed * 1_000_003 + state.step) * 1_000_003 + 1_000_002) % (1 << 63)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _negatives_generator(state: TrainState, device: torch.device) -> torch.Generator:
@@ -339,6 +457,43 @@ def enqueue(state: TrainState, gathered: torch.Tensor) -> None:
     state.queue_ptr = (state.queue_ptr + gathered.shape[1]) % size
 
 
+def enqueue_labelled(state: TrainState, gathered: torch.Tensor, labels: torch.Tensor) -> None:
+    """Write the labelled rows (``labels`` [N] >= 0) of [Vt, N, D] (normalised target rows, as
+    ``semppl_objective`` returns them) into SemPPL's labelled FIFO, in gathered order, overwriting
+    the oldest rows; beyond ``semppl_queue_size`` labelled rows in one batch, the last ones are kept."""
+    size = state.objective.semppl_queue_size
+    if state.semppl_queue is None:
+        views, _, dim = gathered.shape
+        state.semppl_queue = torch.zeros(views, size, dim, dtype=torch.float32, device=gathered.device)
+        state.semppl_labels = torch.full((size,), -1, dtype=torch.long, device=gathered.device)
+    keep = labels >= 0
+    rows, kept = gathered[:, keep][:, -size:], labels[keep][-size:]
+    count = kept.shape[0]
+    if count == 0:
+        return
+    slots = (state.semppl_ptr + torch.arange(count, device=gathered.device)) % size
+    state.semppl_queue.index_copy_(1, slots, rows.to(state.semppl_queue.dtype))
+    state.semppl_labels.index_copy_(0, slots, kept.to(state.semppl_labels.device))
+    state.semppl_len = min(size, state.semppl_len + count)
+    state.semppl_ptr = (state.semppl_ptr + count) % size
+
+
+def batch_labels(batch: Batch, size: int, device: torch.device) -> torch.Tensor:
+    """``batch.labels`` as an int64 tensor [B] on ``device``, after checking it is there and fits."""
+    labels = getattr(batch, "labels", None)
+    if labels is None:
+        raise ValueError(
+            "objective.name='semppl' needs the batch's labels: the batch has no 'labels' attribute "
+            "(expected [B] integers, -1 = unlabelled, as pipeline.loader.ViewBatch carries them)"
+        )
+    labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"batch.labels must hold integers (-1 = unlabelled), got dtype {labels.dtype}")
+    if tuple(labels.shape) != (size,):
+        raise ValueError(f"batch.labels must have shape [B] = [{size}], got {list(labels.shape)}")
+    return labels.to(device, torch.long, non_blocking=True)
+
+
 def check_views(batch: Batch) -> int:
     """``batch.num_large``, after checking it against the views: at least one, at most all of them,
     and the large views of one shape (the target network sees them as one contrast set)."""
@@ -352,10 +507,14 @@ def check_views(batch: Batch) -> int:
 
 
 def train_step(state: TrainState, batch: Batch, *, objective: Objective | None = None) -> dict[str, float]:
-    """Forward every view, ReLIC loss, backward, optimiser step, EMA update, queue update.
+    """Forward every view, ReLIC (or SemPPL) loss, backward, optimiser step, EMA update, queue update.
 
-    Returns floats averaged over ranks: ``loss`` (= ``total``), ``contrastive``, ``invariance``, and the
-    step's ``lr`` and EMA ``momentum`` (0.0 when the target is the online network). Raises
+    Returns floats averaged over ranks: ``loss`` (= ``total``), ``contrastive``, ``invariance``,
+    ``semantic`` (SemPPL's semantic term; 0.0 for ReLIC), and the step's ``lr`` and EMA ``momentum``
+    (0.0 when the target is the online network). With ``objective.name == "semppl"`` the batch must
+    carry ``labels``, the labelled queue is updated after the step, and ``state.pseudo_labels`` holds
+    this rank's [B] pseudo-labels of the step (for monitoring; the objective never sees true labels
+    of unlabelled samples). Raises
     ``NonFiniteLossError`` naming the step and the term when a loss term is NaN or infinite (on every
     rank together, before any parameter changes; BatchNorm running statistics may already hold the
     bad batch, so resume from a checkpoint). ``objective`` replaces the ReLIC objective (gather,
@@ -368,6 +527,8 @@ def train_step(state: TrainState, batch: Batch, *, objective: Objective | None =
             f"epochs x {state.steps_per_epoch} steps per epoch)"
         )
     large = check_views(batch)
+    semppl = objective is None and state.objective.name == "semppl"
+    labels = batch_labels(batch, batch.views[0].shape[0], state.device) if semppl else None
     views: Sequence[torch.Tensor] = [v.to(state.device, non_blocking=True) for v in batch.views]
     state.model.train()
     autocast = torch.autocast(
@@ -383,13 +544,16 @@ def train_step(state: TrainState, batch: Batch, *, objective: Objective | None =
     online = [o.float() for o in online]
     target = [t.float() for t in target]
 
-    if objective is None:
+    gathered_labels = None
+    if semppl:
+        terms, gathered, gathered_labels = semppl_objective(state, online, target, labels)
+    elif objective is None:
         terms, gathered = relic_objective(state, online, target)
     else:
         terms, gathered = objective(online, target), None
     values = distributed.all_reduce_mean(torch.stack([t.detach() for t in terms])).tolist()
-    metrics = dict(zip(LossTerms._fields, values))
-    for name in ("contrastive", "invariance", "total"):
+    metrics = {"semantic": 0.0, **dict(zip(terms._fields, values))}
+    for name in ("contrastive", "invariance", "semantic", "total"):
         if not np.isfinite(metrics[name]):
             raise NonFiniteLossError(
                 f"non-finite {name} loss ({metrics[name]}) at step {state.step} (epoch {state.epoch}, "
@@ -411,6 +575,8 @@ def train_step(state: TrainState, batch: Batch, *, objective: Objective | None =
             momentum = float(state.momentum_schedule[state.step])
             state.target.update(state.online, momentum)
         enqueue(state, gathered)
+        if semppl:
+            enqueue_labelled(state, gathered, gathered_labels)
 
     global_batch = views[0].shape[0] * distributed.world_size()
     if state.batch_in_epoch == 0:
@@ -418,4 +584,9 @@ def train_step(state: TrainState, batch: Batch, *, objective: Objective | None =
     state.step += 1
     state.samples_seen += global_batch
     state.samples_in_epoch += global_batch
-    return {"loss": metrics["total"], **metrics, "lr": lr, "momentum": momentum}
+    return {
+        "loss": metrics["total"],
+        **{k: metrics[k] for k in (*LossTerms._fields, "semantic")},
+        "lr": lr,
+        "momentum": momentum,
+    }

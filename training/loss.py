@@ -168,10 +168,42 @@ def relic_loss(
     computed from per-pair sums, with no loop over pairs:
     ``sum_{B != A} log q_B = (sum_B log q_B) - log q_A``.
     """
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"relic_loss: temperature must be a finite number > 0, got {temperature!r}")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"relic_loss: alpha must be a finite number >= 0, got {alpha!r}")
+    log_p, positive = relic_log_probs(
+        online,
+        target,
+        temperature=temperature,
+        offset=offset,
+        target_normalized=target_normalized,
+        pairs=pairs,
+        negatives=negatives,
+        negative_index=negative_index,
+        generator=generator,
+    )
+    return relic_terms(log_p, positive, alpha=alpha, kl_stop_grad=kl_stop_grad)
+
+
+def relic_log_probs(
+    online: Sequence[torch.Tensor],
+    target: Sequence[torch.Tensor],
+    *,
+    temperature: float,
+    offset: int = 0,
+    target_normalized: bool = False,
+    pairs: PairSet = "distinct",
+    negatives: int | None = None,
+    negative_index: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``relic_loss``'s instance-prediction log-probabilities, checked arguments as ``relic_loss`` takes
+    them: ``(log_p, positive)`` with ``log_p[k, i, c] = log p_(o,t)(c | i)`` [|P|, B, C] for the k-th
+    pair of ``view_pairs(Vo, Vt, pairs)`` over anchor i's C candidate columns (C = M, the rows of the
+    contrast set in their order, without ``negatives``; else the positive first, then the drawn
+    negatives), and ``positive`` [B] the column of anchor i's positive.
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"relic_loss: temperature must be a finite number > 0, got {temperature!r}")
     if pairs not in PAIR_SETS:
         raise ValueError(f"relic_loss: pairs must be one of {', '.join(map(repr, PAIR_SETS))}, got {pairs!r}")
     batch, dim = _check_views("online", online, "B")
@@ -229,7 +261,15 @@ def relic_loss(
         positive = torch.zeros_like(anchor)
         candidates = rows.shape[1]
     log_p = torch.log_softmax(logits.reshape(num_pairs, batch, candidates), dim=-1)
+    return log_p, positive
 
+
+def relic_terms(
+    log_p: torch.Tensor, positive: torch.Tensor, *, alpha: float, kl_stop_grad: bool = True
+) -> LossTerms:
+    """``relic_loss``'s terms from ``relic_log_probs``'s output (see ``relic_loss`` for the formulas)."""
+    num_pairs, batch, _ = log_p.shape
+    anchor = torch.arange(batch, device=log_p.device)
     contrastive = -log_p[:, anchor, positive].mean()
 
     if num_pairs < 2:
