@@ -110,6 +110,11 @@ class DataConfig:
     """Held-out labelled shards the kNN monitor classifies; None disables the monitor."""
     knn_max_samples: PositiveInt = 2000
     """At most this many samples are taken from each kNN split (the monitor must stay cheap)."""
+    true_labels: str | None = None
+    """Shards holding the true label of every training sample under the same keys (e.g. the fully
+    labelled set a ``--label-fraction`` set was built from): the SemPPL run's monitor reports how
+    often its pseudo-labels of unlabelled samples are right (``pseudo_label_accuracy``). The
+    objective never sees these labels. None: no such metric."""
 
 
 @dataclass(kw_only=True, config=SECTION_CONFIG)

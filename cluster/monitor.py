@@ -1,4 +1,5 @@
-"""The online kNN monitor: weighted kNN accuracy of the frozen encoder at epoch ends (rank 0).
+"""Monitors of a run: the online kNN monitor (weighted kNN accuracy of the frozen encoder at epoch
+ends, rank 0) and SemPPL's pseudo-label monitor (every rank, every step).
 
 The memory bank is ``data.knn_train`` (default: the training shards), the queries ``data.knn_val``;
 at most ``data.knn_max_samples`` images of each, decoded once (``pipeline.labelled``) at the view
@@ -59,3 +60,41 @@ class KNNMonitor:
         return knn_classify(
             bank_f, bank_y, query_f, query_y, k=self.cfg.run.knn_k, temperature=self.cfg.run.knn_temperature
         )
+
+
+class PseudoLabelMonitor:
+    """How often SemPPL's pseudo-labels of this rank's unlabelled samples equal their true labels.
+
+    The true labels come from ``data.true_labels`` (shards with the same keys), read once on each rank
+    (label members only, ``pipeline.labelled.load_labels``) and never handed to the objective. After
+    each step, :meth:`observe` compares the step's pseudo-labels (``state.pseudo_labels``: [B], -1
+    where the objective had none) of the batch's unlabelled samples (label -1) with their true labels;
+    :meth:`counts` gives the counters since the last report, which the reporter sums over ranks
+    (``pseudo_label_accuracy`` = right / unlabelled samples seen)."""
+
+    def __init__(self, labels: dict[str, int]) -> None:
+        self.labels = labels
+        self.right = self.seen = 0
+
+    @classmethod
+    def for_config(cls, cfg: Any, options: dict[str, Any]) -> PseudoLabelMonitor | None:
+        if cfg.objective.name != "semppl" or not cfg.data.true_labels:
+            return None
+        from pipeline.labelled import load_labels
+
+        return cls(load_labels(cfg.data.true_labels, storage_options=options))
+
+    def observe(self, state: Any, batch: Any) -> None:
+        pseudo = getattr(state, "pseudo_labels", None)
+        if pseudo is None:
+            return
+        pseudo = pseudo.tolist()
+        for key, label, guess in zip(batch.keys, batch.labels.tolist(), pseudo):
+            if label < 0 and key in self.labels:
+                self.seen += 1
+                self.right += int(guess == self.labels[key])
+
+    def counts(self) -> dict[str, int]:
+        out = {"pseudo_right": self.right, "pseudo_seen": self.seen}
+        self.right = self.seen = 0
+        return out

@@ -46,6 +46,9 @@ def aggregate(per_rank: list[dict[str, Any]], skip_reasons: tuple[str, ...]) -> 
     # bad saliency mask or none (the sample trains unmasked); and the slots filled from good samples
     for name in ("filled", "bad_label", "bad_mask", "unmasked"):
         out[name] = int(sum(r["stats"].get(name, 0) for r in per_rank))
+    seen = sum(r["stats"].get("pseudo_seen", 0) for r in per_rank)
+    if seen:  # SemPPL's monitor (cluster.monitor.PseudoLabelMonitor), over the report's window
+        out["pseudo_label_accuracy"] = sum(r["stats"].get("pseudo_right", 0) for r in per_rank) / seen
     return out
 
 
@@ -137,6 +140,7 @@ class MetricsReporter:
             "world_size": len(per_rank),
             "samples_seen": state.samples_seen,
             **{k: last[k] for k in ("loss", "contrastive", "invariance", "lr", "momentum")},
+            **({"semantic": last["semantic"]} if "semantic" in last else {}),
             **aggregate(per_rank, self.skip_reasons),
             "restored_step": -1 if self.restored_step is None else self.restored_step,
         }

@@ -191,6 +191,7 @@ def with_absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
         train=absolute(cfg.data.train),
         knn_train=absolute(cfg.data.knn_train),
         knn_val=absolute(cfg.data.knn_val),
+        true_labels=absolute(cfg.data.true_labels),
     )
     return dataclasses.replace(
         cfg, data=data, run=dataclasses.replace(cfg.run, storage=absolute(cfg.run.storage))
@@ -223,6 +224,22 @@ def preflight(cfg: ExperimentConfig) -> dict[str, Any]:
             key="data.global_batch_size",
         )
     facts = {"train_samples": total, "steps_per_epoch": total // batch, "labelled": bool(train.label_ext)}
+    if cfg.objective.name == "semppl":
+        labelled = (train.labelled or {}).get("labelled") if train.has_labels else 0
+        if not train.has_labels or labelled == 0:
+            raise ConfigError(
+                f"SemPPL needs labels for part of the training samples, but the shards at "
+                f"{cfg.data.train!r} carry none (build them with labels, e.g. `relic shards build "
+                f"SOURCE OUT --label-fraction 0.1`)",
+                key="objective.name",
+            )
+        facts["labelled_samples"] = total if labelled is None else labelled
+        if cfg.data.true_labels:
+            truth = manifest("data.true_labels", cfg.data.true_labels)
+            if not truth.has_labels:
+                raise ConfigError(
+                    f"the shards at {cfg.data.true_labels!r} carry no labels", key="data.true_labels"
+                )
     mask_prob = cfg.views.recipe().mask_prob
     facts["masked_samples"] = train.masks["samples"] if train.has_masks else 0
     if mask_prob > 0 and not train.has_masks:
@@ -478,8 +495,10 @@ def progress_line(m: dict[str, Any]) -> str:
     if "world_size" in m:
         parts.append(f"w{m['world_size']}")
     if "loss" in m:
+        semantic = f" s {m['semantic']:.4f}" if "semantic" in m else ""
         parts.append(
-            f"loss {m['loss']:.4f} (c {m.get('contrastive', float('nan')):.4f} i {m.get('invariance', float('nan')):.4f})"
+            f"loss {m['loss']:.4f} (c {m.get('contrastive', float('nan')):.4f}{semantic} "
+            f"i {m.get('invariance', float('nan')):.4f})"
         )
     if "lr" in m:
         parts.append(f"lr {m['lr']:.4g} m {m.get('momentum', float('nan')):.5f}")
@@ -493,6 +512,8 @@ def progress_line(m: dict[str, Any]) -> str:
         parts.append(f"unmasked {unmasked}")
     if "knn_accuracy" in m:
         parts.append(f"kNN {100 * m['knn_accuracy']:.1f}%")
+    if "pseudo_label_accuracy" in m:
+        parts.append(f"pseudo {100 * m['pseudo_label_accuracy']:.0f}%")
     if m.get("checkpoint"):
         parts.append("[ckpt]")
     return " ".join(parts)
@@ -521,6 +542,7 @@ def worker_spec(
             train=data_options(cfg, cfg.data.train),
             knn_train=data_options(cfg, cfg.data.knn_train or cfg.data.train),
             knn_val=data_options(cfg, cfg.data.knn_val) if cfg.data.knn_val else {},
+            true_labels=data_options(cfg, cfg.data.true_labels) if cfg.data.true_labels else {},
         ),
         git_sha=sha or git_sha(),
         hooks=list(hooks),

@@ -36,6 +36,7 @@ class DataOptions:
     train: dict[str, Any] = field(default_factory=dict)
     knn_train: dict[str, Any] = field(default_factory=dict)
     knn_val: dict[str, Any] = field(default_factory=dict)
+    true_labels: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -176,7 +177,7 @@ def run_loop(spec: WorkerSpec, session: Any) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from cluster.checkpoint import Checkpointer
-    from cluster.monitor import KNNMonitor
+    from cluster.monitor import KNNMonitor, PseudoLabelMonitor
     from cluster.preemption import PreemptionMonitor
     from cluster.reporting import MetricsReporter, TensorBoard
     from pipeline.reader import SKIP_REASONS
@@ -231,6 +232,7 @@ def run_loop(spec: WorkerSpec, session: Any) -> None:
         if rank == 0 and cfg.run.tensorboard
         else None,
     )
+    pseudo = PseudoLabelMonitor.for_config(cfg, spec.data_options.true_labels)
     hooks = Hooks(spec.hooks, session, restored_step)
     preemption = PreemptionMonitor(session)
     try:
@@ -239,6 +241,8 @@ def run_loop(spec: WorkerSpec, session: Any) -> None:
             epoch, stop = state.epoch, checkpointer.segment_end(state.step)
             for batch in reporter.timed(segment(loader, state.step, stop, per_epoch, end)):
                 last = train_step(state, batch)
+                if pseudo is not None:
+                    pseudo.observe(state, batch)
                 hooks.step(state, last, batch)
                 reporting = reporter.due(state.step, stop)
                 preempted = preemption.due(reporting)
@@ -249,7 +253,8 @@ def run_loop(spec: WorkerSpec, session: Any) -> None:
                     if monitor and monitor.due(state.step, per_epoch)
                     else None
                 )
-                metrics = reporter.collect(state, last, loader.stats, epoch=epoch, knn=knn)
+                stats = {**loader.stats, **(pseudo.counts() if pseudo is not None else {})}
+                metrics = reporter.collect(state, last, stats, epoch=epoch, knn=knn)
                 checkpoint = None
                 if preempted or (state.step == stop and checkpointer.due(state.step)):
                     reporter.sync()

@@ -91,6 +91,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-train", type=int, default=None, help="evaluate with at most N training images")
     parser.add_argument("--max-test", type=int, default=None, help="evaluate on at most N test images")
     parser.add_argument("--worker-logs", action="store_true", help="forward the Ray workers' output")
+    semppl = parser.add_argument_group(
+        "SemPPL comparison (relic demo --semppl; commands/semppl_demo.py)",
+        "pretrain ReLIC and SemPPL (configs/demo_semppl.yaml) on the digits with a fraction of the labels, "
+        "over several seeds, and report kNN and linear-probe accuracy as mean +- standard error and "
+        "the paired difference",
+    )
+    semppl.add_argument("--semppl", action="store_true", help="run the SemPPL comparison instead")
+    semppl.add_argument("--seeds", type=int, default=3, help="seeds per recipe (default 3)")
+    semppl.add_argument(
+        "--label-fraction", type=float, default=0.1, help="fraction of the training labels kept (default 0.1)"
+    )
+    semppl.add_argument("--epochs", type=int, default=30, help="epochs of every run (default 30)")
 
 
 class _Clock:
@@ -297,6 +309,10 @@ def encoder_entry(
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "semppl", False):
+        from commands import semppl_demo
+
+        return semppl_demo.run(args)
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
