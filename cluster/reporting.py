@@ -140,7 +140,7 @@ class MetricsReporter:
             "world_size": len(per_rank),
             "samples_seen": state.samples_seen,
             **{k: last[k] for k in ("loss", "contrastive", "invariance", "lr", "momentum")},
-            **({"semantic": last["semantic"]} if "semantic" in last else {}),
+            **({"semantic": last["semantic"]} if state.objective.name == "semppl" else {}),
             **aggregate(per_rank, self.skip_reasons),
             "restored_step": -1 if self.restored_step is None else self.restored_step,
         }
