@@ -528,7 +528,7 @@ def describe_recipe(recipe: ViewRecipe) -> str:
     the config, which stays one YAML document that ``load_config`` reads back)."""
     lines = [
         f"# views: {recipe.num_large} large + {len(recipe.views) - recipe.num_large} small "
-        f"(views.recipe(); large views masked with probability {getattr(recipe, 'mask_prob', 0.0)})"
+        f"(views.recipe(); large views masked with probability {recipe.mask_prob})"
     ]
     for i, view in enumerate(recipe.views):
         kind = "large" if i < recipe.num_large else "small"
