@@ -4,10 +4,11 @@ module; a small training state; the worker loop run in the test's process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -71,3 +72,45 @@ def run_local(cfg, root: str | Path, hooks: Sequence = ()):
     Path(session.run_dir).mkdir(parents=True, exist_ok=True)
     run_loop(worker_spec(cfg, storage, hooks=hooks, sha="test"), session)
     return session
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int) -> Iterator[None]:
+    """Inside a spawned test worker: a gloo process group on loopback for the block (one torch thread)."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_workers(target, world: int, *args, timeout: float = 240) -> None:
+    """``target(rank, port, *args)`` in ``world`` spawned processes sharing a free port; each must exit
+    0 within ``timeout`` seconds (one that does not is killed and the call fails)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(rank, port, *args)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0] * world, "a gloo worker failed or timed out (see its stderr)"

@@ -21,6 +21,12 @@ class LossTerms(NamedTuple):
     invariance: torch.Tensor
 
 
+def check_weight(what: str, value: object) -> None:
+    """Refuse a loss weight that is not a finite number >= 0, naming it (``what``)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+
+
 def view_pairs(num_online: int, num_target: int, pairs: PairSet = "distinct") -> list[tuple[int, int]]:
     """The ordered view pairs P, t-major (the order ``relic_loss`` uses them).
 
@@ -168,8 +174,7 @@ def relic_loss(
     computed from per-pair sums, with no loop over pairs:
     ``sum_{B != A} log q_B = (sum_B log q_B) - log q_A``.
     """
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"relic_loss: alpha must be a finite number >= 0, got {alpha!r}")
+    check_weight("relic_loss: alpha", alpha)
     log_p, positive = relic_log_probs(
         online,
         target,

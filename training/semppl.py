@@ -29,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from training.loss import PAIR_SETS, PairSet, relic_log_probs, relic_terms
+from training.loss import PairSet, check_weight, relic_log_probs, relic_terms
 
 
 class SemPPLTerms(NamedTuple):
@@ -174,14 +174,8 @@ def semppl_loss(
     the mean over the global batch, as the other terms' is. Without any positive, ``semantic`` is 0
     and the other terms are ``relic_loss``'s exactly (values and gradients).
     """
-    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
-        raise ValueError(f"semppl_loss: weight must be a finite number >= 0, got {weight!r}")
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
-        raise ValueError(f"semppl_loss: alpha must be a finite number >= 0, got {alpha!r}")
-    if pairs not in PAIR_SETS:
-        raise ValueError(
-            f"semppl_loss: pairs must be one of {', '.join(map(repr, PAIR_SETS))}, got {pairs!r}"
-        )
+    check_weight("semppl_loss: weight", weight)
+    check_weight("semppl_loss: alpha", alpha)
     log_p, positive = relic_log_probs(
         online,
         target,

@@ -73,6 +73,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -769,29 +770,8 @@ def _run_tasks(
                     bar.update(len(t.items))
                     _postfix(bar, done_bytes, start)
         else:
-            ctx = _pool_context()
-            counters = (ctx.Value("q", 0), ctx.Value("q", 0))
-            # Forked workers share the parent's heap copy-on-write; frozen objects are left out of their
-            # garbage collections, which would otherwise touch (and so copy) every page of it.
-            gc.freeze()
-            with cf.ProcessPoolExecutor(
-                workers, mp_context=ctx, initializer=_init_worker, initargs=(counters, dict(os.environ))
-            ) as pool:
-                pending = {pool.submit(run_chunk, job, t, t.chunk if direct else None) for t in tasks}
-                gc.unfreeze()
-                bar = open_bar()  # after the workers exist: tqdm's monitor thread must not be forked
-                try:
-                    while pending:
-                        done, pending = cf.wait(pending, timeout=0.25, return_when=cf.FIRST_COMPLETED)
-                        for fut in done:
-                            finished(fut.result())
-                        if bar is not None:
-                            bar.n = min(total, counters[0].value)
-                            _postfix(bar, counters[1].value, start)
-                except BaseException:
-                    for fut in pending:
-                        fut.cancel()
-                    raise
+            calls = [(run_chunk, (job, t, t.chunk if direct else None)) for t in tasks]
+            _in_pool(workers, calls, lambda _i, r: finished(r), open_bar, total, start)
     except BrokenProcessPool as e:
         raise BuildError(
             f"a worker process died ({e}); {len(results)} of {len(tasks)} chunks finished and were "
@@ -801,6 +781,50 @@ def _run_tasks(
         if bar is not None:
             bar.close()
     return results
+
+
+def _in_pool(
+    workers: int,
+    calls: Sequence[tuple[Callable[..., Any], tuple]],
+    on_result: Callable[[int, Any], None],
+    open_bar: Callable[[], Any],
+    total: int,
+    start: float,
+) -> None:
+    """Run ``calls`` (``(function, args)``) in ``workers`` processes; ``on_result(i, result)`` in this
+    process as each call ``i`` finishes. The workers count their samples and bytes in shared counters
+    (``_count``), which drive the progress bar ``open_bar()`` makes, opened once the workers exist
+    (tqdm's monitor thread must not be forked) and closed here. Each worker starts from this process's
+    environment as it is now (``_init_worker``). A worker that dies raises ``BrokenProcessPool``."""
+    ctx = _pool_context()
+    counters = (ctx.Value("q", 0), ctx.Value("q", 0))
+    # Forked workers share the parent's heap copy-on-write; frozen objects are left out of their
+    # garbage collections, which would otherwise touch (and so copy) every page of it.
+    gc.freeze()
+    bar = None
+    try:
+        with cf.ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(counters, dict(os.environ))
+        ) as pool:
+            pending = {pool.submit(fn, *args): i for i, (fn, args) in enumerate(calls)}
+            gc.unfreeze()
+            bar = open_bar()
+            try:
+                while pending:
+                    done, _ = cf.wait(pending, timeout=0.25, return_when=cf.FIRST_COMPLETED)
+                    for fut in done:
+                        on_result(pending.pop(fut), fut.result())
+                    if bar is not None:
+                        bar.n = min(total, counters[0].value)
+                        _postfix(bar, counters[1].value, start)
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+    finally:
+        gc.unfreeze()
+        if bar is not None:
+            bar.close()
 
 
 def _pool_context() -> Any:
@@ -1023,28 +1047,8 @@ def _run_mask_tasks(job: MaskJob, workers: int, progress: bool | None) -> list[d
                     bar.update(r["counts"]["samples"])
                     _postfix(bar, done_bytes, start)
         else:
-            ctx = _pool_context()
-            counters = (ctx.Value("q", 0), ctx.Value("q", 0))
-            with cf.ProcessPoolExecutor(
-                min(workers, n),
-                mp_context=ctx,
-                initializer=_init_worker,
-                initargs=(counters, dict(os.environ)),
-            ) as pool:
-                pending = {pool.submit(_mask_shard, job, i): i for i in range(n)}
-                bar = open_bar()
-                try:
-                    while pending:
-                        done, _ = cf.wait(pending, timeout=0.25, return_when=cf.FIRST_COMPLETED)
-                        for fut in done:
-                            results[pending.pop(fut)] = fut.result()
-                        if bar is not None:
-                            bar.n = min(total, counters[0].value)
-                            _postfix(bar, counters[1].value, start)
-                except BaseException:
-                    for fut in pending:
-                        fut.cancel()
-                    raise
+            calls = [(_mask_shard, (job, i)) for i in range(n)]
+            _in_pool(min(workers, n), calls, results.__setitem__, open_bar, total, start)
     except BrokenProcessPool as e:
         raise BuildError(f"a worker process died ({e}); run the same command again") from e
     finally:

@@ -13,14 +13,12 @@ non-zero only because the positive on the other rank counts. No BatchNorm (see t
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from support import gloo_group, spawn_workers
 from torch import nn
 
 from training.config import ModelConfig, ObjectiveConfig, OptimConfig, ScheduleConfig
@@ -103,43 +101,21 @@ def run(state: TrainState, batches: list[Batch]) -> dict:
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, port):
         rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         local = [Batch([v[rows] for v in b.views], b.labels[rows]) for b in global_batches()]
         for mode in MODES:
             state = make_state(mode)
             state.model = DistributedDataParallel(state.model)
             torch.save(run(state, local), Path(out_dir) / f"{mode}-{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("semppl-ddp")
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(rank, port, str(out_dir))) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0] * WORLD, "a gloo worker failed or timed out (see its stderr)"
+    spawn_workers(worker, WORLD, str(out_dir))
     return {
         (mode, rank): torch.load(out_dir / f"{mode}-{rank}.pt", weights_only=False)
         for mode in MODES

@@ -1,5 +1,6 @@
 """A synthetic scene whose foreground is known exactly, its saliency mask, and detectors of masked
-pixels: shared by the mask tests of the view graph, the reference and the loader."""
+pixels: shared by the mask tests of the view graph, the reference and the loader; and the CPU DALI
+graph's views as pixel values, shared by the view tests."""
 
 from __future__ import annotations
 
@@ -58,3 +59,27 @@ def off_segment(views: np.ndarray, tol: float = 3.0) -> np.ndarray:
     r, g, b = views[..., 0], views[..., 1], views[..., 2]
     off = (np.abs(r - b) > tol) | (np.abs(r + g - 255) > tol)
     return off.reshape(len(views), -1).sum(axis=1)
+
+
+def dali_views(recipe, encoded: list, masks=None, batches: int = 1, seed: int = 0) -> list[np.ndarray]:
+    """Pixel values (0..255 scale, HWC) of every view of the CPU DALI graph of ``recipe`` for the
+    encoded images (bytes or 1-D uint8 arrays) and, when the recipe masks, their encoded masks:
+    ``[batches * N, H, W, 3]`` per view. Checks that the labels come through in order."""
+    from pipeline.augment import build_pipeline
+
+    data = [np.frombuffer(b, np.uint8) if isinstance(b, bytes) else b for b in encoded]
+    labels = np.arange(len(data), dtype=np.int64)
+    fed = (data, labels)
+    if recipe.mask_prob > 0:
+        fed = (data, labels, [np.frombuffer(m, np.uint8) for m in masks])
+    pipe = build_pipeline(
+        recipe, batch_size=len(data), num_threads=2, seed=seed, source=lambda: fed, layout="HWC"
+    )
+    pipe.build()
+    outs: list[list[np.ndarray]] = [[] for _ in recipe.views]
+    for _ in range(batches):
+        result = pipe.run()
+        for v in range(len(recipe.views)):
+            outs[v].append(np.array(result[v].as_tensor()))
+        assert np.array_equal(np.array(result[len(recipe.views)].as_tensor()).ravel(), labels)
+    return [np.concatenate(o) * 255.0 for o in outs]

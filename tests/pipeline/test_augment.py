@@ -9,10 +9,11 @@ import math
 
 import numpy as np
 import pytest
+from mask_helpers import dali_views
 from PIL import Image
 from pydantic import ValidationError
 
-from pipeline.augment import PresetError, PresetOptions, ViewRecipe, ViewSpec, build_pipeline, preset
+from pipeline.augment import PresetError, PresetOptions, ViewRecipe, ViewSpec, preset
 
 # A 32x32 test card: left half (200, 60, 20), right half (40, 140, 230). Every op leaves a trace:
 # flip swaps the halves, grayscale equalises channels, solarize maps 200 -> 55, blur softens the
@@ -46,19 +47,7 @@ def plain(**kw) -> ViewSpec:
 def run(recipe: ViewRecipe, images: list[np.ndarray], batches: int, seed: int = 0) -> list[np.ndarray]:
     """Pixel values (0..255 scale, HWC) of every view: ``[batches * len(images), H, W, 3]`` per view.
     ``images``: HWC arrays (fed as PNG) or already encoded files (1-D uint8)."""
-    data = [a if a.ndim == 1 else png(a) for a in images]
-    labels = np.arange(len(data), dtype=np.int64)
-    pipe = build_pipeline(
-        recipe, batch_size=len(data), num_threads=2, seed=seed, source=lambda: (data, labels), layout="HWC"
-    )
-    pipe.build()
-    outs: list[list[np.ndarray]] = [[] for _ in recipe.views]
-    for _ in range(batches):
-        result = pipe.run()
-        for v in range(len(recipe.views)):
-            outs[v].append(np.array(result[v].as_tensor()))
-        assert np.array_equal(np.array(result[-1].as_tensor()).ravel(), labels)
-    return [np.concatenate(o) * 255.0 for o in outs]
+    return dali_views(recipe, [a if a.ndim == 1 else png(a) for a in images], batches=batches, seed=seed)
 
 
 def test_presets_follow_the_papers():

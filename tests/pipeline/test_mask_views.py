@@ -11,7 +11,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from mask_helpers import FILL, RECT, SIDE, fill_pixels, off_segment, png, scene, scene_mask
+from mask_helpers import FILL, RECT, SIDE, dali_views, fill_pixels, off_segment, png, scene, scene_mask
 from PIL import Image
 from scipy import ndimage
 from scipy.stats import binomtest
@@ -36,21 +36,7 @@ def recipe_of(large: list[dict], small: list[dict], **kw) -> ViewRecipe:
 
 def dali(recipe: ViewRecipe, images: list[bytes], masks, batches: int = 1, seed: int = 0) -> list[np.ndarray]:
     """Pixel values (0..255, HWC) of every view of the CPU DALI graph: ``[batches * N, H, W, 3]``."""
-    data = [np.frombuffer(b, np.uint8) for b in images]
-    labels = np.arange(len(data), dtype=np.int64)
-    if recipe.mask_prob > 0:
-        fed = [np.frombuffer(m, np.uint8) for m in masks]
-        source = lambda: (data, labels, fed)  # noqa: E731
-    else:
-        source = lambda: (data, labels)  # noqa: E731
-    pipe = build_pipeline(recipe, batch_size=len(data), num_threads=2, seed=seed, source=source, layout="HWC")
-    pipe.build()
-    outs: list[list[np.ndarray]] = [[] for _ in recipe.views]
-    for _ in range(batches):
-        result = pipe.run()
-        for v in range(len(recipe.views)):
-            outs[v].append(np.array(result[v].as_tensor()))
-    return [np.concatenate(o) * 255.0 for o in outs]
+    return dali_views(recipe, images, masks, batches=batches, seed=seed)
 
 
 def reference(recipe: ViewRecipe, images: list[bytes], masks, seed: int = 0) -> list[np.ndarray]:
