@@ -91,18 +91,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-train", type=int, default=None, help="evaluate with at most N training images")
     parser.add_argument("--max-test", type=int, default=None, help="evaluate on at most N test images")
     parser.add_argument("--worker-logs", action="store_true", help="forward the Ray workers' output")
-    semppl = parser.add_argument_group(
-        "SemPPL comparison (relic demo --semppl; commands/semppl_demo.py)",
-        "pretrain ReLIC and SemPPL (configs/demo_semppl.yaml) on the digits with a fraction of the labels, "
-        "over several seeds, and report kNN and linear-probe accuracy as mean +- standard error and "
-        "the paired difference",
+    seeds = parser.add_argument_group(
+        "comparisons over seeds (commands/seeds.py, commands/semppl_demo.py)",
+        "pretrain two recipes once per seed with the same budget and report kNN and linear-probe "
+        "accuracy as mean +- standard error and the paired difference: --seeds N alone compares ReLIC "
+        "with alpha = 0 and alpha > 0 on the fully labelled digits; --semppl compares ReLIC and SemPPL "
+        "(configs/demo_semppl.yaml) on the digits with --label-fraction of the labels",
     )
-    semppl.add_argument("--semppl", action="store_true", help="run the SemPPL comparison instead")
-    semppl.add_argument("--seeds", type=int, default=3, help="seeds per recipe (default 3)")
-    semppl.add_argument(
-        "--label-fraction", type=float, default=0.1, help="fraction of the training labels kept (default 0.1)"
+    seeds.add_argument("--seeds", type=int, default=None, help="seeds per recipe (default 3 with --semppl)")
+    seeds.add_argument(
+        "--semppl", action="store_true", help="compare ReLIC and SemPPL with a fraction of the labels"
     )
-    semppl.add_argument("--epochs", type=int, default=30, help="epochs of every run (default 30)")
+    seeds.add_argument(
+        "--label-fraction",
+        type=float,
+        default=0.1,
+        help="with --semppl: the fraction of labels kept (default 0.1)",
+    )
+    seeds.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs of every run (default: 30 with --semppl, else the config's)",
+    )
 
 
 class _Clock:
@@ -312,7 +323,13 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "semppl", False):
         from commands import semppl_demo
 
+        args.seeds = 3 if args.seeds is None else args.seeds
+        args.epochs = 30 if args.epochs is None else args.epochs
         return semppl_demo.run(args)
+    if getattr(args, "seeds", None) is not None:
+        from commands import seeds
+
+        return seeds.run_alpha(args)
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)

@@ -23,21 +23,16 @@ What it does, printing progress all the way:
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import math
 import shutil
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from commands.demo import DEFAULT_CONFIG, REPO_ROOT, _Clock, build_demo_shards
+from commands.seeds import evaluate, mean_se, pretrain, report_markdown, summarise, write_report
 
 SEMPPL_CONFIG = REPO_ROOT / "configs" / "demo_semppl.yaml"
 RECIPES = ("relic", "semppl")
-METRICS = ("knn", "linear")
 
 
 def build_partly_labelled(
@@ -70,73 +65,6 @@ def build_partly_labelled(
         f"labelled ({fraction:.0%}, class-balanced)"
     )
     return str(target)
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (sample standard deviation / sqrt(n); 0 for n = 1)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
-def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """``b - a`` per seed: mean, standard error and the two-sided paired t-test's p-value."""
-    from scipy import stats
-
-    diffs = [y - x for x, y in zip(a, b)]
-    mean, se = mean_se(diffs)
-    p = float(stats.ttest_rel(b, a).pvalue) if len(diffs) > 1 and se > 0 else float("nan")
-    return {"diffs": diffs, "mean": mean, "se": se, "p_value": p}
-
-
-def summarise(results: Mapping[str, Mapping[int, Mapping[str, float]]]) -> dict[str, Any]:
-    """``{recipe: {seed: {metric: accuracy}}}`` -> per recipe mean/SE and the paired difference."""
-    seeds = sorted(results["relic"])
-    out: dict[str, Any] = {"seeds": seeds, "recipes": {}, "semppl_minus_relic": {}}
-    for recipe in RECIPES:
-        out["recipes"][recipe] = {
-            metric: dict(zip(("mean", "se"), mean_se([results[recipe][s][metric] for s in seeds])))
-            for metric in METRICS
-        }
-    for metric in METRICS:
-        out["semppl_minus_relic"][metric] = paired(
-            [results["relic"][s][metric] for s in seeds], [results["semppl"][s][metric] for s in seeds]
-        )
-    return out
-
-
-def report_markdown(summary: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
-    seeds = summary["seeds"]
-    lines = [
-        "# SemPPL vs ReLIC on digits with a fraction of the labels",
-        "",
-        f"{meta['labelled']} of {meta['train']} training images labelled ({meta['fraction']:.0%}, "
-        f"class-balanced); {len(seeds)} seeds; {meta['epochs']} epochs per run; kNN and linear probe "
-        f"fitted on the labelled images only, accuracy in % on the {meta['test']}-image test split. "
-        "Mean ± standard error over seeds; the difference is paired by seed.",
-        "",
-        "| recipe | kNN | linear probe |",
-        "|---|---|---|",
-    ]
-    for recipe in RECIPES:
-        r = summary["recipes"][recipe]
-        cells = [f"{100 * r[m]['mean']:.1f} ± {100 * r[m]['se']:.1f}" for m in METRICS]
-        lines.append(f"| {recipe} | {' | '.join(cells)} |")
-    d = summary["semppl_minus_relic"]
-    cells = [
-        f"{100 * d[m]['mean']:+.1f} ± {100 * d[m]['se']:.1f} (p = {d[m]['p_value']:.2g})" for m in METRICS
-    ]
-    lines.append(f"| SemPPL - ReLIC | {' | '.join(cells)} |")
-    if meta.get("pseudo_label_accuracy"):
-        accs = meta["pseudo_label_accuracy"]
-        m, se = mean_se(accs)
-        lines += ["", f"SemPPL's pseudo-label accuracy on the unlabelled images (last report of each run): "
-                  f"{100 * m:.1f} ± {100 * se:.1f} %."]  # fmt: skip
-    lines += ["", f"Runtime: {meta['total_s']:.0f} s in all ({meta['train_s']:.0f} s training)."]
-    return "\n".join(lines) + "\n"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,84 +108,52 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     log(f"[2/4] pretraining {len(RECIPES)} recipes x {args.seeds} seeds with Ray Train (same budget)")
-    from cluster.checkpoint import load_model_from_checkpoint
-    from cluster.trainer import fit, ray_session
-
-    encoders: dict[str, dict[int, Any]] = {r: {} for r in RECIPES}
-    pseudo: list[float] = []
-    t_train = time.monotonic()
-    cpus = math.ceil(probe.scaling.max_workers * probe.scaling.cpus_per_worker)
-    with ray_session(num_cpus=cpus, worker_logs=args.worker_logs):
-        for seed in range(args.seeds):
-            for recipe in RECIPES:
-                cfg = configs[recipe]
-                name = f"{recipe}-seed{seed}"
-                cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name, seed=seed))
-                run_dir = Path(cfg.run.storage) / name
-                if run_dir.exists():
-                    shutil.rmtree(run_dir)
-                t0 = time.monotonic()
-                result = fit(cfg, progress=lambda line, n=name: log(f"  {n}: {line}"))
-                if result.checkpoint is None:
-                    print(f"relic demo: run {name} wrote no checkpoint ({result.run_dir})", file=sys.stderr)
-                    return 1
-                encoders[recipe][seed] = load_model_from_checkpoint(result.checkpoint).encoder
-                accuracy = [
-                    m["pseudo_label_accuracy"] for m in result.metrics if "pseudo_label_accuracy" in m
-                ]
-                if recipe == "semppl" and accuracy:
-                    pseudo.append(float(accuracy[-1]))
-                log(f"train {name}: done in {time.monotonic() - t0:.0f} s")
-    train_s = time.monotonic() - t_train
+    try:
+        encoders, fits, train_s = pretrain(configs, range(args.seeds), log, worker_logs=args.worker_logs)
+    except RuntimeError as e:
+        print(f"relic demo: {e}", file=sys.stderr)
+        return 1
+    pseudo = [
+        float(accuracy[-1])
+        for result in fits["semppl"].values()
+        if (accuracy := [m["pseudo_label_accuracy"] for m in result.metrics if "pseudo_label_accuracy" in m])
+    ]
 
     log("[3/4] evaluating every encoder: kNN and linear probe fitted on the labelled fraction only")
     from pipeline.labelled import load_labelled_images
     from pipeline.shards.manifest import load_manifest
-    from training.evaluate import extract_features, knn_classify, linear_probe
 
     view = probe.views.recipe().views[0]
-    train_x, train_y = load_labelled_images(partial, size=view.size, unlabelled="skip")
-    test_x, test_y = load_labelled_images(urls["test"], size=view.size)
-    norm = {"mean": view.mean, "std": view.std}
-    results: dict[str, dict[int, dict[str, float]]] = {r: {} for r in RECIPES}
-    for recipe in RECIPES:
-        for seed, encoder in encoders[recipe].items():
-            train_f, _ = extract_features(encoder, train_x, **norm)
-            test_f, _ = extract_features(encoder, test_x, **norm)
-            results[recipe][seed] = {
-                "knn": knn_classify(
-                    train_f, train_y, test_f, test_y, k=probe.run.knn_k, temperature=probe.run.knn_temperature
-                ),
-                "linear": linear_probe(train_f, train_y, test_f, test_y),
-            }
-            log(
-                f"  {recipe} seed {seed}: kNN {100 * results[recipe][seed]['knn']:.1f}%, "
-                f"linear {100 * results[recipe][seed]['linear']:.1f}%"
-            )
+    train = load_labelled_images(partial, size=view.size, unlabelled="skip")
+    test = load_labelled_images(urls["test"], size=view.size)
+    results = evaluate(encoders, train, test, view, knn_k=probe.run.knn_k,
+                       knn_temperature=probe.run.knn_temperature, log=log)  # fmt: skip
 
     log("[4/4] writing the report")
-    summary = summarise(results)
-    meta = {
-        "fraction": args.label_fraction,
-        "labelled": len(train_y),
-        "train": load_manifest(partial).total_samples,
-        "test": len(test_y),
-        "epochs": args.epochs,
-        "train_s": train_s,
-        "total_s": log.elapsed(),
-        "pseudo_label_accuracy": pseudo,
-    }
-    report_dir = out / "report-semppl"
-    report_dir.mkdir(parents=True, exist_ok=True)
-    metrics = {
-        "summary": summary,
-        "per_seed": results,
-        "meta": meta,
-        "config": {r: c.to_dict() for r, c in configs.items()},
-    }
-    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    text = report_markdown(summary, meta)
-    (report_dir / "report.md").write_text(text)
+    summary = summarise(results, "relic", "semppl")
+    total = load_manifest(partial).total_samples
+    intro = (
+        f"{len(train[1])} of {total} training images labelled ({args.label_fraction:.0%}, class-balanced); "
+        f"{args.seeds} seeds; {args.epochs} epochs per run; kNN and linear probe fitted on the labelled "
+        f"images only, accuracy in % on the {len(test[1])}-image test split. Mean ± standard error over "
+        "seeds; the difference is paired by seed."
+    )
+    notes = []
+    if pseudo:
+        m, se = mean_se(pseudo)
+        notes.append(f"SemPPL's pseudo-label accuracy on the unlabelled images (last report of each run): "
+                     f"{100 * m:.1f} ± {100 * se:.1f} %.")  # fmt: skip
+    notes.append(f"Runtime: {log.elapsed():.0f} s in all ({train_s:.0f} s training).")
+    text = report_markdown(
+        "SemPPL vs ReLIC on digits with a fraction of the labels",
+        intro,
+        summary,
+        {"relic": "ReLIC", "semppl": "SemPPL"},
+        notes,
+    )
+    metrics = {"summary": summary, "per_seed": results, "pseudo_label_accuracy": pseudo, "train_s": train_s,
+               "total_s": log.elapsed(), "config": {r: c.to_dict() for r, c in configs.items()}}  # fmt: skip
+    path = write_report(out / "report-semppl", metrics, text)
     print("\n" + text, flush=True)
-    print(f"report: {report_dir / 'report.md'}  (total {log.elapsed():.0f} s)", flush=True)
+    print(f"report: {path}  (total {log.elapsed():.0f} s)", flush=True)
     return 0

@@ -1,6 +1,6 @@
 """``configs/demo_semppl.yaml`` trains in-process (``LocalSession``) on real digits of which 30% keep
 their labels, with the pseudo-label monitor reading the true labels of the full set; and the
-statistics ``relic demo --semppl`` reports (mean, standard error, paired difference) against
+statistics ``relic demo --semppl`` and ``--seeds`` report (mean, standard error, paired difference) against
 independent computations."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from support import run_local
 
 from cluster.config import load_config
 from cluster.trainer import preflight
-from commands.semppl_demo import mean_se, paired, summarise
+from commands.seeds import mean_se, paired, summarise
 
 SEMPPL = Path(__file__).parents[2] / "configs" / "demo_semppl.yaml"
 SHRINK = (
@@ -82,7 +82,7 @@ def test_the_reported_statistics_match_independent_ones():
     assert d["p_value"] == pytest.approx(stats.ttest_rel(b, a).pvalue)
     results = {"relic": {0: {"knn": 0.8, "linear": 0.7}, 1: {"knn": 0.9, "linear": 0.8}},
                "semppl": {0: {"knn": 0.85, "linear": 0.7}, 1: {"knn": 0.95, "linear": 0.9}}}  # fmt: skip
-    summary = summarise(results)
+    summary = summarise(results, "relic", "semppl")
     assert summary["recipes"]["relic"]["knn"]["mean"] == pytest.approx(0.85)
-    assert summary["semppl_minus_relic"]["knn"]["diffs"] == pytest.approx([0.05, 0.05])
-    assert summary["semppl_minus_relic"]["linear"]["mean"] == pytest.approx(0.05)
+    assert summary["difference"]["knn"]["diffs"] == pytest.approx([0.05, 0.05])
+    assert summary["difference"]["linear"]["mean"] == pytest.approx(0.05)
