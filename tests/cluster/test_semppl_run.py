@@ -86,3 +86,20 @@ def test_the_reported_statistics_match_independent_ones():
     assert summary["recipes"]["relic"]["knn"]["mean"] == pytest.approx(0.85)
     assert summary["difference"]["knn"]["diffs"] == pytest.approx([0.05, 0.05])
     assert summary["difference"]["linear"]["mean"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seeds", "1"], "--seeds: expected at least 2 for an error bar, got 1"),
+        (["--seeds", "2", "--alpha", "0"], "--alpha / objective.alpha: expected > 0, got 0.0"),
+        (["--semppl", "--seeds", "1"], "--seeds: expected at least 2 for an error bar, got 1"),
+        (["--semppl", "--label-fraction", "1.5"], "--label-fraction: expected a value in (0, 1], got 1.5"),
+    ],
+)
+def test_seed_comparisons_refuse_what_would_give_no_answer(argv, message, tmp_path, capsys):
+    from commands.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()  # refused before building anything
