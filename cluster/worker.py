@@ -126,6 +126,7 @@ def build_data(spec: WorkerSpec, rank: int, world: int, device: torch.device) ->
             f"workers in scaling.num_workers={cfg.scaling.num_workers} that divide the "
             f"{cfg.partitions} data partitions)"
         )
+    recipe = cfg.views.recipe()
     reader = ShardReader(
         cfg.data.train,
         batch_size=cfg.data.global_batch_size // world,
@@ -136,8 +137,8 @@ def build_data(spec: WorkerSpec, rank: int, world: int, device: torch.device) ->
         seed=cfg.run.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,
         storage_options=spec.data_options.train,
+        masks=recipe.mask_prob > 0,  # a recipe without masked views never reads a mask member
     )
-    recipe = cfg.views.recipe()
     loader = ViewLoader(
         reader,
         recipe,

@@ -57,7 +57,7 @@ the same backoff, at the first sample not yet handed out. Labels that cannot be 
 :class:`~pipeline.shards.format.LabelRule`) are counted as ``bad_label`` and delivered as -1.
 
 Saliency masks (:mod:`pipeline.shards.masks`), when the manifest says the set has them
-(``Manifest.has_masks``): each good sample's ``{key}.mask.png`` member comes with it (``Good.mask``,
+(``Manifest.has_masks``) and the reader is asked for them (``masks=True``, the default): each good sample's ``{key}.mask.png`` member comes with it (``Good.mask``,
 ``RawBatch.masks``) when it passes :func:`~pipeline.shards.masks.mask_problem` at the reader's
 ``validate`` level, its aspect ratio checked against the image's header size. A bad mask is counted
 as ``bad_mask`` (logged once) and its sample kept without it; a sample without a mask member is
@@ -317,11 +317,11 @@ def validated(
     shard: str,
     level: bool | str,
     tally: Tally,
+    masked: bool = False,
 ) -> Iterator[tuple[int, Good | None]]:
     """Each sample as :class:`Good`, or None when it has no image or the image fails the check; with
-    its mask when the set has masks and the sample a good one (module doc)."""
+    its mask when ``masked`` (the reader reads masks) and the sample has a good one (module doc)."""
     rule = manifest.labels
-    masked = manifest.has_masks
     for ordinal, sample in items:
         if sample is None:
             yield ordinal, None
@@ -438,7 +438,8 @@ class ShardReader:
     ``world_size`` must divide it, and it must divide the global batch); ``storage_options``: fsspec
     options for remote shards (endpoint, profile); ``num_workers``: reading threads; ``shuffle_buffer``:
     samples per partition's buffer; ``prefetch``: steps each thread reads ahead; ``validate``:
-    ``True``/``"cheap"``, ``"decode"`` or ``False`` (:mod:`pipeline.shards.images`); a shard that fails
+    ``True``/``"cheap"``, ``"decode"`` or ``False`` (:mod:`pipeline.shards.images`); ``masks``: deliver
+    the set's saliency masks (``RawBatch.masks``), if it has any; a shard that fails
     to open is retried ``max_open_retries`` times, waiting ``retry_delay`` seconds, doubled each time.
     ``stats`` is cumulative over the reader's life; see ``SKIP_REASONS``.
     """
@@ -456,6 +457,7 @@ class ShardReader:
         shuffle_buffer: int = 1000,
         storage_options: dict[str, Any] | None = None,
         validate: bool | str = True,
+        masks: bool = True,
         max_open_retries: int = 3,
         retry_delay: float = 0.5,
         prefetch: int = 2,
@@ -490,11 +492,14 @@ class ShardReader:
         self._source = ShardSource(
             self.manifest, storage_options, self._tally, retries=max_open_retries, delay=retry_delay
         )
+        self.masks = masks and self.manifest.has_masks
+        """Whether batches carry masks: asked for (``masks``) and the set has them. A reader for a
+        recipe without masked views passes ``masks=False`` and never reads or checks a mask member."""
         rule = self.manifest.labels
         self._exts = frozenset(
             ({"jpg", "jpeg"} if self.manifest.image_ext in ("jpg", "jpeg") else {self.manifest.image_ext})
             | ({rule.ext} if rule.ext else set())
-            | ({MASK_EXT} if self.manifest.has_masks else set())
+            | ({MASK_EXT} if self.masks else set())
         )
 
     def __len__(self) -> int:
@@ -549,7 +554,7 @@ class ShardReader:
                 batches,
                 self._tally,
                 f"rank {self.rank}, epoch {epoch}, from batch {start_batch}",
-                self.manifest.has_masks,
+                self.masks,
             ):
                 count += 1
                 yield batch
@@ -579,7 +584,9 @@ class ShardReader:
             if ordinals:
                 name = self._source.name(shard)
                 items = read_span(self._source, shard, ordinals, self._exts)
-                for ordinal, good in validated(items, self.manifest, name, self.validate, self._tally):
+                for ordinal, good in validated(
+                    items, self.manifest, name, self.validate, self._tally, self.masks
+                ):
                     yield base + ordinal - start, good
             base += stop - start
 

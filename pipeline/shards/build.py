@@ -435,6 +435,19 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _options_for(
+    url: str, given: dict[str, Any] | None, sibling: str, sibling_options: dict[str, Any]
+) -> dict[str, Any]:
+    """The storage options for ``url``: ``given`` when the caller gave them; else ``sibling``'s when
+    both are remote with the same protocol (one endpoint and profile for a whole build); else the
+    defaults for ``url`` (``storage.storage_options``)."""
+    if given is not None:
+        return dict(given)
+    if storage.is_remote(url) and storage.protocol(url) == storage.protocol(sibling):
+        return sibling_options
+    return storage.storage_options(url)
+
+
 def _check_writable(out: str, options: dict[str, Any]) -> None:
     """Fail at once, naming OUT, when shards could not be written there."""
     probe_name = f"{RECEIPT_DIR}/probe-{uuid.uuid4().hex[:8]}"
@@ -554,12 +567,7 @@ def build_shards(
         partial_labels.check_fraction(label_fraction)
 
     options = dict(storage_options) if storage_options is not None else storage.storage_options(out)
-    if source_storage_options is not None:
-        src_options = dict(source_storage_options)
-    elif storage.is_remote(source) and storage.protocol(source) == storage.protocol(out):
-        src_options = options
-    else:
-        src_options = storage.storage_options(source)
+    src_options = _options_for(source, source_storage_options, out, options)
     src = open_source(
         source,
         storage_options=src_options,
@@ -574,12 +582,7 @@ def build_shards(
                 f"--masks needs a folder or list SOURCE (masks are matched by relative path); {source} "
                 f"is built in: compute masks for it with `relic shards masks`"
             )
-        if masks_storage_options is not None:
-            mask_options = dict(masks_storage_options)
-        elif storage.is_remote(masks) and storage.protocol(masks) == storage.protocol(source):
-            mask_options = src_options
-        else:
-            mask_options = storage.storage_options(masks)
+        mask_options = _options_for(masks, masks_storage_options, source, src_options)
         try:
             mask_dir = shard_masks.find_masks(masks, mask_options)
         except FileNotFoundError as e:
@@ -599,14 +602,7 @@ def build_shards(
             subset = partial_labels.fraction_subset(src.items, label_fraction, seed)
         else:
             assert labelled_keys is not None
-            if labelled_keys_storage_options is not None:
-                keys_options = dict(labelled_keys_storage_options)
-            elif storage.is_remote(labelled_keys) and storage.protocol(labelled_keys) == storage.protocol(
-                source
-            ):
-                keys_options = src_options
-            else:
-                keys_options = storage.storage_options(labelled_keys)
+            keys_options = _options_for(labelled_keys, labelled_keys_storage_options, source, src_options)
             entries = partial_labels.read_keys_file(labelled_keys, keys_options)
             subset = partial_labels.keys_subset(
                 src.items, entries, order.tolist(), _public_source(labelled_keys)

@@ -416,6 +416,25 @@ def test_reader_counts_bad_masks_and_keeps_their_samples(tmp_path, caplog):
     assert reader.stats["bad_mask"] == 8 and not [r for r in caplog.records if "bad_mask" in r.getMessage()]
 
 
+def test_a_reader_not_asked_for_masks_reads_none(tmp_path, monkeypatch):
+    """``masks=False`` (a recipe without masked views): the same samples and labels, no mask member
+    read or checked, nothing counted about masks."""
+    import pipeline.reader as reader_module
+
+    url, _, _ = bad_mask_set(tmp_path / "bad")
+    checked = []
+    real = reader_module.mask_problem
+    monkeypatch.setattr(reader_module, "mask_problem", lambda *a, **k: checked.append(a) or real(*a, **k))
+    with_masks = next(iter(ShardReader(url, batch_size=9, shuffle_buffer=0).epoch(0)))
+    assert checked  # the spy sees the checks when masks are asked for
+    checked.clear()
+    plain = ShardReader(url, batch_size=9, shuffle_buffer=0, masks=False)
+    batch = next(iter(plain.epoch(0)))
+    assert batch.masks is None and not checked
+    assert batch.keys == with_masks.keys and batch.labels.tolist() == with_masks.labels.tolist()
+    assert plain.stats["bad_mask"] == plain.stats["unmasked"] == 0
+
+
 def test_reader_decode_level_and_sets_without_masks(tmp_path):
     url, _, _ = bad_mask_set(tmp_path / "bad")
     # validation off: only empty masks refused, so every non-empty one arrives
